@@ -1,0 +1,160 @@
+"""Typed configuration of an audit, loaded from TOML or YAML and validated at the edge.
+
+Every setting has a default; a file or the command line overrides some of them. Unknown keys are rejected
+(pydantic ``extra="forbid"``), so a typo in a configuration file fails at once instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from audit.errors import ConfigError
+
+Verdict = Literal["none", "watch", "shortcut"]
+VERDICT_LEVELS: dict[str, int] = {"none": 0, "watch": 1, "shortcut": 2}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeConfig(_Strict):
+    """The probe model trained when no user model is given (see DESIGN.md, "The probe model matters")."""
+
+    image_size: int = Field(160, ge=32, le=1024, description="square input size of the probe, pixels")
+    epochs: int = Field(30, ge=1, le=500)
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(3e-3, gt=0)
+    width: int = Field(16, ge=4, le=256, description="channels of the first convolution block")
+    folds: int = Field(
+        2, ge=2, le=10, description="cross-fitting folds: each image is scored by a model that did not train on it"
+    )
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    """A user model: a checkpoint plus the architecture it belongs to."""
+
+    path: Path | None = None
+    arch: str | None = Field(None, description="timm name, or torchvision:<name> for a torchvision architecture")
+    target_layer: str | None = Field(
+        None, description="module name of the saliency target layer; found automatically if empty"
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=2048, description="input size; taken from timm's pretrained config if empty"
+    )
+
+
+class RegionConfig(_Strict):
+    detectors: tuple[str, ...] = ("text", "border")
+    max_side: int = Field(512, ge=64, description="detection runs on a copy whose long side is at most this")
+
+
+class FindingConfig(_Strict):
+    """Thresholds of the verdict scale (README, "Verdicts")."""
+
+    enrichment_bar: float = Field(
+        2.0, gt=1.0, description="lower 95% bound of enrichment above this counts as attention"
+    )
+    watch_bar: float = Field(1.5, gt=1.0, description="lower bound above this, without leakage, is 'watch'")
+    leakage_bar: float = Field(
+        0.2, ge=0.0, le=1.0, description="presence-rate difference (class vs rest) that counts as label leakage"
+    )
+    min_images: int = Field(
+        5, ge=1, description="fewer images carrying the region than this give no verdict above 'none'"
+    )
+    bootstrap: int = Field(1000, ge=100, le=100_000)
+    seed: int = 0
+
+
+class AuditConfig(_Strict):
+    """Everything one audit run needs. ``audit run --config FILE`` loads it; flags override it."""
+
+    data: Path
+    manifest: Path | None = None
+    out: Path = Path("reports/audit")
+    methods: tuple[str, ...] = ("gradcam",)
+    target: Literal["predicted", "label"] = "predicted"
+    model: ModelConfig = ModelConfig()
+    probe: ProbeConfig = ProbeConfig()
+    regions: RegionConfig = RegionConfig()
+    findings: FindingConfig = FindingConfig()
+    fail_on: Verdict | None = None
+    shard_size: int = Field(256, ge=1, description="images per shard: the unit of parallel work and of atomic output")
+    batch_size: int = Field(32, ge=1, le=4096, description="images per saliency batch on the device")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    workers: int = Field(2, ge=1, le=256, description="shards processed at once")
+    map_size: int = Field(32, ge=8, le=128, description="side of the downsampled saliency maps stored per image")
+    gallery_size: int = Field(12, ge=0, le=200)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [m.strip() for m in value.split(",") if m.strip()]
+        if not value:
+            raise ValueError("at least one saliency method is needed, for example 'gradcam'")
+        return value
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist; pass a .toml or .yaml file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"configuration file {path}: expected a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"configuration file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"configuration file {path}: expected a mapping of settings at the top level")
+    return raw
+
+
+def build_config(file: Path | None = None, **overrides: Any) -> AuditConfig:
+    """Merge defaults, a configuration file, and overrides (``None`` values are ignored), then validate.
+
+    Overrides may use dotted keys for nested settings, for example ``{"probe.epochs": 10}``.
+    """
+    merged: dict[str, Any] = load_config_file(file) if file is not None else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return AuditConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def flatten(config: AuditConfig) -> dict[str, str]:
+    """The configuration as dotted key → string, for the report and the run record."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out

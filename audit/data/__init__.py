@@ -1,0 +1,1 @@
+"""Datasets: manifest building, readers, decoding, content hashing and the built-in demo dataset."""

@@ -1,0 +1,1 @@
+"""Dataset-level evidence: statistics per class × region kind × method, and the verdicts."""

@@ -1,0 +1,1 @@
+"""Region metrics per image (on the device) and dataset-level statistics."""

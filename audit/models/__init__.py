@@ -1,0 +1,1 @@
+"""Models: loading the user's checkpoint, choosing target layers, preprocessing, and the probe model."""

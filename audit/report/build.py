@@ -1,0 +1,159 @@
+"""Building the report's content from a finished audit's tables (the report module itself only formats)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import duckdb
+import numpy as np
+
+from audit.config import VERDICT_LEVELS
+from audit.data.decode import decode_image
+from audit.data.manifest import safe_join
+from audit.errors import AuditError
+from audit.report.content import ClassMap, GalleryItem, ReportContent
+from audit.store.catalog import CATALOG_NAME
+
+if TYPE_CHECKING:
+    from audit.pipeline import Plan
+
+DISPLAY_SIZE = 256
+ERRORS_SHOWN = 100
+
+
+def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> ReportContent:
+    """Assemble :class:`ReportContent` from ``OUT/audit.duckdb`` and the shards' mean images."""
+    out = p.config.out
+    con = duckdb.connect(str(out / CATALOG_NAME), read_only=True)
+    try:
+        class_maps = _class_maps(con, p)
+        gallery = _gallery(con, p, summary["findings"])
+        errors = [
+            dict(zip(("path", "stage", "message"), row, strict=True))
+            for row in con.execute(
+                f"SELECT path, stage, message FROM errors ORDER BY path LIMIT {ERRORS_SHOWN}"
+            ).fetchall()
+        ]
+    finally:
+        con.close()
+    return ReportContent(
+        title=f"Shortcut audit of {p.config.data}",
+        verdict=summary["verdict"],
+        gate=summary["gate"],
+        findings=summary["findings"],
+        counts={k: v for k, v in summary["counts"].items() if not isinstance(v, dict)},
+        model=summary["model"],
+        class_maps=class_maps,
+        gallery=gallery,
+        errors=errors,
+        settings=settings,
+        versions=summary["versions"],
+    )
+
+
+def _mean_images(p: Plan) -> dict[str, np.ndarray]:
+    sums, counts = None, None
+    for shard in p.shards:
+        path = p.config.out / "work" / f"means-{shard.index:05d}.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as data:
+            sums = data["sums"] if sums is None else sums + data["sums"]
+            counts = data["counts"] if counts is None else counts + data["counts"]
+    if sums is None:
+        return {}
+    return {
+        label: (sums[i] / counts[i]).clip(0, 255).astype(np.uint8) for i, label in enumerate(p.labels) if counts[i] > 0
+    }
+
+
+def _class_maps(con: duckdb.DuckDBPyConnection, p: Plan) -> list[ClassMap]:
+    """Mean of the per-image maps, each scaled to its own maximum (so every image counts equally), per class."""
+    means = _mean_images(p)
+    out = []
+    for method in p.config.methods:
+        for label in p.labels:
+            rows = con.execute(
+                "SELECT m.map_u8, m.map_size FROM maps m JOIN images i USING (image_id) "
+                "WHERE i.label = ? AND m.method = ?",
+                [label, method],
+            ).fetchall()
+            if not rows:
+                continue
+            size = rows[0][1]
+            stack = np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, size, size) / 255.0
+            out.append(
+                ClassMap(
+                    label=label,
+                    method=method,
+                    n_images=len(rows),
+                    mean_saliency=stack.mean(0),
+                    mean_image=means.get(label),
+                )
+            )
+    return out
+
+
+def _gallery(con: duckdb.DuckDBPyConnection, p: Plan, findings: list[dict]) -> list[GalleryItem]:
+    """The images with the most attention on suspicious regions, the most serious region kinds first."""
+    budget = p.config.gallery_size
+    if budget == 0:
+        return []
+    method = p.config.methods[0]
+    severity: dict[str, tuple[int, float]] = {}
+    for f in findings:
+        if f["method"] != method:
+            continue
+        score = (VERDICT_LEVELS[f["verdict"]], f["enrichment"] or 0.0)
+        severity[f["region_kind"]] = max(severity.get(f["region_kind"], (0, 0.0)), score)
+    kinds = sorted(severity, key=severity.__getitem__, reverse=True)
+    per_kind = max(1, budget // max(len(kinds), 1))
+    items: list[GalleryItem] = []
+    for kind in kinds:
+        rows = con.execute(
+            """SELECT a.image_id, i.path, i.label, i.prediction, i.confidence, a.mass_fraction, a.enrichment,
+                      m.map_u8, m.map_size, i.width, i.height
+               FROM attributions a JOIN images i USING (image_id)
+               JOIN maps m ON m.image_id = a.image_id AND m.method = a.method
+               WHERE a.method = ? AND a.region_kind = ? AND a.present
+               ORDER BY a.mass_fraction DESC, a.image_id LIMIT ?""",
+            [method, kind, per_kind],
+        ).fetchall()
+        for image_id, path, label, prediction, confidence, mass, enrichment, map_u8, map_size, width, height in rows:
+            try:
+                image = decode_image(safe_join(p.root, path).read_bytes(), path)
+            except (AuditError, OSError):
+                continue  # the file changed since ingest; the gallery simply skips it
+            scale = min(1.0, DISPLAY_SIZE / max(width, height))
+            shown = (
+                cv2.resize(
+                    image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+                )
+                if scale < 1
+                else image
+            )
+            boxes = [
+                (k, round(x0 * scale), round(y0 * scale), round(x1 * scale), round(y1 * scale))
+                for k, x0, y0, x1, y1 in con.execute(
+                    "SELECT kind, x0, y0, x1, y1 FROM regions WHERE image_id = ?", [image_id]
+                ).fetchall()
+            ]
+            saliency = np.array(map_u8, dtype=np.float32).reshape(map_size, map_size) / 255.0
+            items.append(
+                GalleryItem(
+                    image_id=image_id,
+                    path=path,
+                    label=label,
+                    prediction=prediction,
+                    confidence=float(confidence),
+                    region_kind=kind,
+                    method=method,
+                    mass_fraction=float(mass),
+                    enrichment=float(enrichment),
+                    image=shown,
+                    saliency=saliency,
+                    boxes=boxes,
+                )
+            )
+    return items

@@ -1,0 +1,245 @@
+"""Render :class:`~audit.report.content.ReportContent` to one self-contained HTML page.
+
+Everything the page needs is inside the file: CSS in a ``<style>`` element, figures as PNG data URIs, no
+script and no external URL, so the page can be attached to a ticket or opened offline. Jinja2 autoescaping is
+on: labels, paths, messages and settings come from the user's data and are never trusted as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from audit import __version__
+from audit.report import figures
+from audit.report.content import (
+    VERDICTS,
+    ClassMap,
+    GalleryItem,
+    ReportContent,
+    as_number,
+    check_verdict,
+    finding_sentence,
+    format_ci,
+    format_number,
+    format_percent,
+)
+
+# The page lists at most this many errors; the full list is in the `errors` table of audit.duckdb.
+MAX_ERRORS_SHOWN = 100
+# Below this held-out accuracy the probe is too weak for a "none" verdict to mean anything.
+MIN_PROBE_ACCURACY = 0.6
+# Okabe-Ito colours, distinguishable with the common colour-vision deficiencies; the word is always written too.
+VERDICT_COLOURS: dict[str, str] = {"none": "#009E73", "watch": "#E69F00", "shortcut": "#D55E00"}
+VERDICT_HEADLINES: dict[str, str] = {
+    "none": "no finding reached “watch”: no sign that the model relies on the audited regions",
+    "watch": "the model puts more attention on suspicious regions than their area explains; look closer",
+    "shortcut": "the model relies on suspicious regions instead of the content; do not release it as it is",
+}
+_MODEL_KEYS = ("kind", "arch", "heldout_accuracy")
+
+
+def _environment() -> jinja2.Environment:
+    # autoescape=True rather than select_autoescape: the template's name ends in .j2, which the latter would miss.
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("audit.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _plain(value: Any) -> str:
+    """A settings/versions value as display text, exactly as configured (no rounding: 1e-5 stays 1e-05)."""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def _count(value: Any) -> str:
+    """A count as display text: integers with thousands separators, anything else as it is."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    return _plain(value)
+
+
+def _severity(verdict: str) -> int:
+    return VERDICTS.index(verdict)
+
+
+def _sorted_findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows sorted most serious first, then by enrichment (highest first, missing last)."""
+    for index, row in enumerate(findings):
+        check_verdict(row.get("verdict"), f"findings[{index}].verdict")
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        enrichment = as_number(row.get("enrichment"))
+        return -_severity(row["verdict"]), -enrichment if enrichment is not None else math.inf
+
+    return sorted(findings, key=key)
+
+
+def _finding_view(row: dict[str, Any]) -> dict[str, str]:
+    return {
+        "label": str(row.get("label", "")),
+        "region_kind": str(row.get("region_kind", "")),
+        "method": str(row.get("method", "")),
+        "n_images": format_number(row.get("n_images")),
+        "mass_fraction": format_percent(row.get("mean_mass_fraction")),
+        "area_fraction": format_percent(row.get("mean_area_fraction")),
+        "enrichment": format_number(row.get("enrichment"), digits=1),
+        "ci": format_ci(row.get("ci_low"), row.get("ci_high")),
+        "pointing_hit_rate": format_percent(row.get("pointing_hit_rate"), digits=0),
+        "presence_rate": format_percent(row.get("presence_rate"), digits=0),
+        "presence_rate_other": format_percent(row.get("presence_rate_other"), digits=0),
+        "verdict": row["verdict"],
+        "reason": str(row.get("reason") or ""),
+    }
+
+
+def _image_view(png: bytes, alt: str) -> dict[str, Any]:
+    """An <img>'s attributes: data URI, alt text and its size (read back from the PNG header)."""
+    # PNG IHDR: width and height are big-endian 32-bit integers at bytes 16..24.
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    return {"src": figures.to_data_uri(png), "alt": alt, "width": width, "height": height}
+
+
+def _class_map_view(class_map: ClassMap) -> dict[str, Any]:
+    mean_image = class_map.mean_image
+    shape = None
+    if mean_image is not None:
+        shape = figures.fit_shape(*figures.to_bgr(mean_image).shape[:2])
+    heatmap = _image_view(
+        figures.heatmap_png(class_map.mean_saliency, shape),
+        f"Mean {class_map.method} saliency of class {class_map.label} over {class_map.n_images} images, "
+        "viridis colormap, normalised to its maximum",
+    )
+    image = None
+    if mean_image is not None:
+        image = _image_view(figures.image_png(mean_image), f"Mean image of class {class_map.label}")
+    return {
+        "label": class_map.label,
+        "method": class_map.method,
+        "n_images": format_number(class_map.n_images),
+        "heatmap": heatmap,
+        "image": image,
+    }
+
+
+def _gallery_view(item: GalleryItem) -> dict[str, Any]:
+    kinds = sorted({box[0] for box in item.boxes})
+    boxes_text = f"; boxes mark {', '.join(kinds)} regions" if kinds else ""
+    figure = _image_view(
+        figures.overlay_png(item.image, item.saliency, item.boxes),
+        f"{item.path}: {item.method} saliency over the image, label {item.label}, "
+        f"predicted {item.prediction}{boxes_text}",
+    )
+    return {
+        "figure": figure,
+        "image_id": item.image_id,
+        "path": item.path,
+        "label": item.label,
+        "prediction": item.prediction,
+        "confidence": format_percent(item.confidence, digits=0),
+        "region_kind": item.region_kind,
+        "method": item.method,
+        "mass_fraction": format_percent(item.mass_fraction),
+        "enrichment": format_number(item.enrichment, digits=1),
+        "kinds": [{"kind": kind, "colour": figures.box_colour(kind)} for kind in kinds],
+    }
+
+
+def _model_view(model: dict[str, Any]) -> dict[str, Any]:
+    accuracy = as_number(model.get("heldout_accuracy"))
+    return {
+        "kind": str(model.get("kind", "—")),
+        "arch": str(model.get("arch", "—")),
+        "heldout_accuracy": format_number(accuracy, digits=3) if accuracy is not None else "not measured",
+        "weak": accuracy is not None and accuracy < MIN_PROBE_ACCURACY,
+        "extra": [(str(key), _plain(value)) for key, value in model.items() if key not in _MODEL_KEYS],
+    }
+
+
+def _gate_view(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    if gate is None:
+        return None
+    return {"fail_on": str(gate.get("fail_on", "—")), "failed": bool(gate["failed"])}
+
+
+def _errors_view(content: ReportContent) -> dict[str, Any]:
+    counted = as_number(content.counts.get("errors"))
+    # The flow may count more errors than it passes rows for; never show fewer than the rows themselves.
+    total = max(len(content.errors), int(counted) if counted is not None else 0)
+    rows = [
+        {"path": str(row.get("path", "")), "stage": str(row.get("stage", "")), "message": str(row.get("message", ""))}
+        for row in content.errors[:MAX_ERRORS_SHOWN]
+    ]
+    return {"total": total, "rows": rows}
+
+
+def render_report(content: ReportContent) -> str:
+    """The report as an HTML string (see :func:`write_report`).
+
+    Raises:
+        DataError: a finding's verdict is not on the verdict scale.
+        ShapeError: a gallery image or saliency map has an unusable shape.
+    """
+    findings = _sorted_findings(content.findings)
+    context = {
+        "title": content.title,
+        "verdict": content.verdict,
+        "verdict_headline": VERDICT_HEADLINES[content.verdict],
+        "colours": VERDICT_COLOURS,
+        "gate": _gate_view(content.gate),
+        "sentences": [
+            {"verdict": row["verdict"], "text": finding_sentence(row)} for row in findings if row["verdict"] != "none"
+        ],
+        "counts": [(str(key).replace("_", " "), _count(value)) for key, value in content.counts.items()],
+        "model": _model_view(content.model),
+        "min_accuracy": format_number(MIN_PROBE_ACCURACY, digits=1),
+        "findings": [_finding_view(row) for row in findings],
+        "class_maps": [_class_map_view(class_map) for class_map in content.class_maps],
+        "colourbar": _image_view(figures.colourbar_png(), "Colour scale: low attention (dark purple) to high (yellow)"),
+        "box_colours": [{"kind": kind, "colour": colour} for kind, colour in figures.BOX_COLOURS.items()],
+        "gallery": [_gallery_view(item) for item in content.gallery],
+        "errors": _errors_view(content),
+        "max_errors": MAX_ERRORS_SHOWN,
+        "settings": [(str(key), _plain(value)) for key, value in content.settings.items()],
+        "versions": [(str(key), _plain(value)) for key, value in content.versions.items()],
+        "audit_version": __version__,
+    }
+    return _environment().get_template("report.html.j2").render(context)
+
+
+def write_report(content: ReportContent, path: Path) -> Path:
+    """Write the report as one self-contained HTML file.
+
+    The file is written to a temporary file beside ``path`` and then renamed, so a reader never sees half a page.
+
+    Args:
+        content: what to show.
+        path: the HTML file to write (its folder is created if needed).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    text = render_report(content)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain open (not mkstemp) so the file gets the usual permissions from the umask, not 0600.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path

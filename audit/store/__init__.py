@@ -1,0 +1,1 @@
+"""Storage: Arrow schemas, atomic Parquet parts, and the DuckDB catalog."""

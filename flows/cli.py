@@ -1,0 +1,154 @@
+"""The ``audit`` command line: ``audit run``, ``audit demo``, ``audit sql``.
+
+Exit codes: 0 done (gate passed or not set), 1 the release gate failed (``--fail-on``), 2 bad input or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads starve shared CPUs
+
+import flows  # noqa: E402,F401  (Prefect settings before Prefect is imported)
+from audit.config import build_config  # noqa: E402
+from audit.errors import AuditError  # noqa: E402
+
+EXIT_OK, EXIT_GATE, EXIT_ERROR = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audit", description="Audit an image dataset and a model for shortcut learning."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the whole audit and write DIR/index.html, summary.json, audit.duckdb")
+    run.add_argument("--config", type=Path, help="TOML or YAML file with the settings (flags override it)")
+    run.add_argument("--data", type=Path, help="dataset root: class subfolders, or the root of --manifest's paths")
+    run.add_argument("--manifest", type=Path, help="CSV/Parquet with columns path, label (split, group optional)")
+    run.add_argument("--model", type=Path, help="checkpoint: a state dict (with --arch) or TorchScript")
+    run.add_argument("--arch", help="architecture of --model: a timm name or torchvision:<name>")
+    run.add_argument("--target-layer", help="module name of the saliency target layer (default: found automatically)")
+    run.add_argument("--methods", help="comma-separated saliency methods (default: gradcam)")
+    run.add_argument("--target", choices=["predicted", "label"], help="class each map explains (default: predicted)")
+    run.add_argument("--out", type=Path, help="output folder (default: reports/audit)")
+    run.add_argument("--fail-on", choices=["watch", "shortcut"], help="exit 1 when a finding reaches this level")
+    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    run.add_argument("--workers", type=int, help="shards processed at once (default 2)")
+    run.add_argument("--shard-size", type=int, help="images per shard (default 256)")
+    run.add_argument("--batch-size", type=int, help="images per saliency batch (default 32)")
+    run.add_argument("--probe-epochs", type=int, help="epochs of the probe model (default 30)")
+    run.add_argument("--probe-size", type=int, help="input size of the probe model, px (default 160)")
+    run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
+    run.add_argument("--quiet", action="store_true", help="only warnings and the final line")
+
+    demo = commands.add_parser("demo", help="write the synthetic demo dataset with a planted shortcut")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--shortcut-rate", type=float, default=0.9, help="P(token | class 1) = P(no token | class 0)")
+    demo.add_argument("--n", type=int, default=600, help="number of images (half per class)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", type=int, default=256, help="image side, px")
+
+    sql = commands.add_parser("sql", help="run a read-only SQL query against a finished audit")
+    sql.add_argument("dir", type=Path, help="the audit's output folder (holding audit.duckdb)")
+    sql.add_argument("query", help="for example \"SELECT * FROM findings WHERE verdict = 'shortcut'\"")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {
+        "data": args.data,
+        "manifest": args.manifest,
+        "model.path": args.model,
+        "model.arch": args.arch,
+        "model.target_layer": args.target_layer,
+        "methods": args.methods,
+        "target": args.target,
+        "out": args.out,
+        "fail_on": args.fail_on,
+        "device": args.device,
+        "workers": args.workers,
+        "shard_size": args.shard_size,
+        "batch_size": args.batch_size,
+        "probe.epochs": args.probe_epochs,
+        "probe.image_size": args.probe_size,
+    }
+    if args.config is None and args.data is None:
+        raise AuditError("audit run needs --data DIR (or --config FILE that sets data)")
+    config = build_config(args.config, **overrides)
+    if args.no_prefect:
+        from audit.pipeline import run_pipeline
+
+        summary = run_pipeline(config)
+    else:
+        from flows.audit_flow import run_flow
+
+        summary = run_flow(config)
+    counts = summary["counts"]
+    print(
+        f"verdict: {summary['verdict']}  ({counts['images']} images, {counts['errors']} errors, "
+        f"{counts['findings']} findings: {counts['by_verdict']})"
+    )
+    print(f"report: {config.out / 'index.html'}")
+    gate = summary.get("gate")
+    if gate and gate["failed"]:
+        print(f"release gate FAILED: a finding reached '{gate['fail_on']}'", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from audit.data.demo import write_demo
+
+    info = write_demo(args.out, n=args.n, shortcut_rate=args.shortcut_rate, seed=args.seed, size=args.size)
+    print(
+        f"demo dataset: {info.n_images} images in {args.out} "
+        f"(manifest {info.manifest}, ground truth {info.ground_truth})"
+    )
+    return EXIT_OK
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from audit.store.catalog import query
+
+    columns, rows = query(args.dir, args.query)
+    if args.format == "json":
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        cells = [[str(c) for c in columns]] + [
+            ["" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r] for r in rows
+        ]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        for j, row in enumerate(cells):
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+            if j == 0:
+                print("  ".join("-" * w for w in widths))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return {"run": _run, "demo": _demo, "sql": _sql}[args.command](args)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""End to end: the demo's planted shortcut is found, a balanced demo shows none, bad files are listed and skipped.
+
+These train real (small) probe models, so they take a minute or two; they run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit.config import build_config
+from audit.data.demo import write_demo
+from audit.errors import DataError
+from audit.pipeline import run_pipeline
+from audit.store.catalog import query
+from flows.cli import EXIT_ERROR, EXIT_GATE, main
+
+# Small but with margin: 240 images, 128 px probe, 15 epochs (see README, "Tests").
+DEMO = {"n": 240, "seed": 3}
+PROBE = ["--probe-size", "128", "--probe-epochs", "15"]
+
+pytestmark = pytest.mark.slow
+
+
+def _finding(summary: dict, label: str, kind: str) -> dict:
+    (row,) = [f for f in summary["findings"] if f["label"] == label and f["region_kind"] == kind]
+    return row
+
+
+@pytest.fixture(scope="module")
+def shortcut_audit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    root = tmp_path_factory.mktemp("demo90")
+    write_demo(root / "data", shortcut_rate=0.9, **DEMO)
+    code = main(
+        [
+            "run",
+            "--data",
+            str(root / "data"),
+            "--out",
+            str(root / "out"),
+            "--no-prefect",
+            "--quiet",
+            "--fail-on",
+            "shortcut",
+            *PROBE,
+        ]
+    )
+    return root / "out", code
+
+
+def test_planted_shortcut_is_found_and_gates_the_release(shortcut_audit: tuple[Path, int]) -> None:
+    out, code = shortcut_audit
+    summary = json.loads((out / "summary.json").read_text())
+    token = _finding(summary, "opacity", "text")
+    assert token["verdict"] == "shortcut", token
+    assert token["ci_low"] > 2, token
+    for label in ("normal", "opacity"):  # the marker is in every image: never a shortcut
+        assert _finding(summary, label, "marker")["verdict"] != "shortcut"
+    assert summary["verdict"] == "shortcut"
+    assert code == EXIT_GATE and summary["gate"] == {"fail_on": "shortcut", "failed": True}
+    assert summary["model"]["heldout_accuracy"] > 0.7  # the probe learned something, from held-out images
+
+
+def test_outputs_and_tables_agree(shortcut_audit: tuple[Path, int]) -> None:
+    out, _ = shortcut_audit
+    for name in ("index.html", "summary.json", "audit.duckdb"):
+        assert (out / name).is_file()
+    _, rows = query(out, "SELECT count(*) FROM images")
+    assert rows == [(DEMO["n"],)]
+    # One attribution row per image × method × region kind.
+    _, rows = query(out, "SELECT count(*), count(DISTINCT region_kind) FROM attributions")
+    assert rows == [(DEMO["n"] * 3, 3)]
+    _, rows = query(out, "SELECT verdict FROM findings WHERE label = 'opacity' AND region_kind = 'text'")
+    assert rows == [("shortcut",)]
+    # Enrichment is mass / area wherever a region is present, NaN elsewhere.
+    _, rows = query(out, "SELECT max(abs(enrichment - mass_fraction / area_fraction)) FROM attributions WHERE present")
+    assert rows[0][0] < 1e-3
+    html = (out / "index.html").read_text()
+    assert "SHORTCUT" in html.upper() and "data:image/png;base64," in html
+
+
+def test_balanced_demo_has_no_shortcut(tmp_path: Path) -> None:
+    write_demo(tmp_path / "data", shortcut_rate=0.5, **DEMO)
+    config = build_config(
+        data=tmp_path / "data",
+        out=tmp_path / "out",
+        fail_on="shortcut",
+        **{"probe.image_size": 128, "probe.epochs": 15},
+    )
+    summary = run_pipeline(config)
+    assert [f for f in summary["findings"] if f["verdict"] == "shortcut"] == []
+    assert summary["gate"]["failed"] is False
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """Good images of two classes plus a truncated JPEG, a text file named .png and an empty file."""
+    demo = tmp_path / "demo"
+    write_demo(demo, n=16, shortcut_rate=0.5, seed=1)
+    data = tmp_path / "data"
+    shutil.copytree(demo / "normal", data / "normal")
+    shutil.copytree(demo / "opacity", data / "opacity")
+    buffer = data / "normal" / "truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8)).save(buffer, quality=90)
+    buffer.write_bytes(buffer.read_bytes()[: buffer.stat().st_size // 2])
+    (data / "opacity" / "notes.png").write_text("this is not an image\n")
+    (data / "opacity" / "empty.png").write_bytes(b"")
+    return data
+
+
+def test_bad_files_are_listed_and_the_rest_is_audited(messy_folder: Path, tmp_path: Path) -> None:
+    config = build_config(data=messy_folder, out=tmp_path / "out", **{"probe.image_size": 64, "probe.epochs": 1})
+    summary = run_pipeline(config)
+    assert summary["counts"]["images"] == 16 and summary["counts"]["errors"] == 3
+    _, rows = query(tmp_path / "out", "SELECT path, stage, message FROM errors ORDER BY path")
+    by_path = {path: (stage, message) for path, stage, message in rows}
+    assert set(by_path) == {"normal/truncated.jpg", "opacity/notes.png", "opacity/empty.png"}
+    assert "truncated" in by_path["normal/truncated.jpg"][1]
+    assert "not a readable image" in by_path["opacity/notes.png"][1]
+    assert "empty file" in by_path["opacity/empty.png"][1]
+    assert all(stage == "decode" for stage, _ in by_path.values())
+    assert "truncated.jpg" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_missing_or_empty_dataset_fails_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--no-prefect"])
+    assert code == EXIT_ERROR
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        run_pipeline(build_config(data=tmp_path / "empty", out=tmp_path / "out"))
+    assert not (tmp_path / "out" / "summary.json").exists()
