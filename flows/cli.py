@@ -141,8 +141,13 @@ def _sql(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Our progress lines (and Prefect's run lines) at INFO; every other library (httpx, ...) at WARNING.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("audit", "prefect"):
+        logging.getLogger(name).setLevel(level)
     try:
         return {"run": _run, "demo": _demo, "sql": _sql}[args.command](args)
     except AuditError as exc:

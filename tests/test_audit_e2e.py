@@ -114,8 +114,23 @@ def messy_folder(tmp_path: Path) -> Path:
 
 
 def test_bad_files_are_listed_and_the_rest_is_audited(messy_folder: Path, tmp_path: Path) -> None:
-    config = build_config(data=messy_folder, out=tmp_path / "out", **{"probe.image_size": 64, "probe.epochs": 1})
-    summary = run_pipeline(config)
+    code = main(
+        [
+            "run",
+            "--data",
+            str(messy_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-prefect",
+            "--quiet",
+            "--probe-size",
+            "64",
+            "--probe-epochs",
+            "1",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"]["images"] == 16 and summary["counts"]["errors"] == 3
     _, rows = query(tmp_path / "out", "SELECT path, stage, message FROM errors ORDER BY path")
     by_path = {path: (stage, message) for path, stage, message in rows}
