@@ -55,6 +55,25 @@ class RegionConfig(_Strict):
     max_side: int = Field(512, ge=64, description="detection runs on a copy whose long side is at most this")
 
 
+class SaliencyConfig(_Strict):
+    """Settings of the chunked and stochastic saliency methods (see :class:`audit.saliency.SaliencyOptions`)."""
+
+    memory_budget_mb: int = Field(1024, ge=16, description="peak extra memory of a chunked method's expanded batches")
+    samples_per_batch: int | None = Field(None, ge=1, description="cap on expanded samples per forward pass")
+    ig_steps: int = Field(32, ge=2, le=1024)
+    smoothgrad_samples: int = Field(16, ge=1, le=1024)
+    smoothgrad_noise: float = Field(0.15, gt=0, le=1)
+    scorecam_channels: int | None = Field(None, ge=1, description="Score-CAM channel budget (top-k); None = all")
+    rise_masks: int = Field(1000, ge=1)
+    rise_grid: int = Field(7, ge=2, le=64)
+    rise_probability: float = Field(0.5, gt=0, lt=1)
+    occlusion_window: int = Field(16, ge=1)
+    occlusion_stride: int = Field(8, ge=1)
+    igos_iterations: int = Field(15, ge=1)
+    igos_steps: int = Field(10, ge=1)
+    seed: int = 0
+
+
 class FindingConfig(_Strict):
     """Thresholds of the verdict scale (README, "Verdicts")."""
 
@@ -79,9 +98,10 @@ class AuditConfig(_Strict):
     manifest: Path | None = None
     out: Path = Path("reports/audit")
     methods: tuple[str, ...] = ("gradcam",)
-    target: Literal["predicted", "label"] = "predicted"
+    target: str = Field("predicted", description="class each map explains: 'predicted', 'label', or a class name")
     model: ModelConfig = ModelConfig()
     probe: ProbeConfig = ProbeConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
     regions: RegionConfig = RegionConfig()
     findings: FindingConfig = FindingConfig()
     fail_on: Verdict | None = None

@@ -34,15 +34,15 @@ from audit.config import AuditConfig, flatten
 from audit.data.decode import content_hash, decode_image
 from audit.data.manifest import Manifest, ManifestEntry, build_manifest, safe_join
 from audit.device import resolve_device
-from audit.errors import AuditError, DataError
+from audit.errors import AuditError, ConfigError, DataError
 from audit.evidence.findings import AttributionColumns, compute_findings, gate_failed, overall_verdict
 from audit.metrics.regions import boxes_to_masks, downsample_maps, region_metrics
-from audit.models.layers import find_target_layer
+from audit.models.layers import TargetLayer, describe_layer, find_target_layer
 from audit.models.loading import load_user_model
 from audit.models.preprocessing import InputSpec
 from audit.models.probe import ProbeNet, assign_folds, probe_input_spec, save_probe, train_probe
 from audit.regions import DETECTORS, detect_regions
-from audit.saliency import METHODS, create_method
+from audit.saliency import SaliencyOptions, build_methods, explain, validate_methods
 from audit.store.catalog import build_catalog
 from audit.store.parquet import read_table, rows_to_table, write_part
 
@@ -78,7 +78,7 @@ class ModelRef:
 
     kind: str  # "probe" | "user"
     arch: str
-    target_layer: str
+    target_layer: TargetLayer
     spec: InputSpec
     path: Path
     num_classes: int
@@ -125,9 +125,13 @@ def region_kinds(detectors: Sequence[str]) -> tuple[str, ...]:
 
 def plan(config: AuditConfig) -> Plan:
     """Validate the settings, list the dataset and cut it into shards. Fails at once on a bad setting or path."""
-    for method in config.methods:
-        METHODS.get(method)  # unknown names fail here, listing the valid ones
+    validate_methods(config.methods)  # unknown names fail here, listing the valid ones
     manifest: Manifest = build_manifest(config.data, config.manifest)
+    if config.target not in ("predicted", "label") and config.target not in manifest.labels:
+        raise ConfigError(
+            f"target {config.target!r} is neither 'predicted', 'label' nor a class of the dataset "
+            f"({', '.join(manifest.labels)})"
+        )
     if config.model.path is not None:
         _, spec = load_user_model(config.model.path, config.model.arch, len(manifest.labels))
         if config.model.image_size:
@@ -272,7 +276,11 @@ def fit_model(p: Plan) -> ModelRef:
         example = p.spec.normalise(
             torch.zeros(1, p.spec.channels, p.spec.size, p.spec.size, dtype=torch.uint8, device=device)
         )
-        layer = config.model.target_layer or find_target_layer(model, example)
+        layer = (
+            describe_layer(model, config.model.target_layer, example)
+            if config.model.target_layer
+            else find_target_layer(model, example)
+        )
         return ModelRef(
             kind="user",
             arch=config.model.arch or "torchscript",
@@ -307,7 +315,7 @@ def fit_model(p: Plan) -> ModelRef:
     return ModelRef(
         kind="probe",
         arch="probe-cnn",
-        target_layer="features",
+        target_layer=TargetLayer("features"),
         spec=result.spec,
         path=path,
         num_classes=len(p.labels),
@@ -329,6 +337,44 @@ def load_models(ref: ModelRef, p: Plan, device: torch.device) -> list[torch.nn.M
         model.eval().requires_grad_(False)
         models.append(model.to(device))
     return models
+
+
+SANITY_IMAGES = 16
+
+
+def check_sanity(p: Plan, ref: ModelRef) -> list[dict]:
+    """The model-randomisation check (Adebayo et al. 2018) of every method, on up to 16 images of the first shard.
+
+    Writes ``tables/sanity`` and returns its rows.
+    """
+    from audit.saliency.sanity import randomisation_check
+
+    config = p.config
+    device = resolve_device(config.device)
+    work = _load_work(config.out, p.shards[0].index)
+    inputs = torch.from_numpy(work["inputs"][:SANITY_IMAGES]).to(device)
+    rows = []
+    if len(inputs):
+        model = load_models(ref, p, device)[0]
+        options = SaliencyOptions(**config.saliency.model_dump())
+        for r in randomisation_check(model, ref.target_layer, ref.spec.normalise(inputs), config.methods, options):
+            rows.append(
+                {
+                    "method": r.method,
+                    "n_images": len(inputs),
+                    "rank_correlation": r.rank_correlation,
+                    "passed": r.passed,
+                    "randomised": ",".join(r.randomised),
+                }
+            )
+            log.info(
+                "sanity check %s: rank correlation %.2f after randomising the top layers: %s",
+                r.method,
+                r.rank_correlation,
+                "passed" if r.passed else "FAILED (the map ignores the model)",
+            )
+    write_part(config.out, "sanity", rows_to_table("sanity", rows), "00000")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,11 +452,8 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
         )
     }
     map_cols: dict[str, list] = {k: [] for k in ("image_id", "method", "map_u8", "map_size", "map_scale", "raw_sum")}
-    methods = {
-        (k, name): create_method(name, model, ref.target_layer)
-        for k, model in enumerate(models)
-        for name in config.methods
-    }
+    options = SaliencyOptions(**config.saliency.model_dump())
+    methods = [build_methods(config.methods, model, ref.target_layer, options) for model in models]
     inputs_all = torch.from_numpy(work["inputs"])
     for start_index in range(0, n, config.batch_size):
         stop = min(n, start_index + config.batch_size)
@@ -427,9 +470,11 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
             target = None
             if config.target == "label":
                 target = torch.from_numpy(labels[index]).to(device)
+            elif config.target != "predicted":
+                target = torch.full((len(index),), p.labels.index(config.target), dtype=torch.long, device=device)
             masks = boxes_to_masks(boxes_all[index].to(device), kinds_all[index].to(device), num_kinds, size, size)
-            for name in config.methods:
-                result = methods[(k, name)].attribute(xs, target)
+            results = explain(methods[k], xs, target)
+            for name, result in results.items():
                 if name == config.methods[0]:
                     probs = torch.softmax(result.logits.float(), dim=1)
                     conf, pred = probs.max(1)
@@ -537,6 +582,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         rank=attributions.column("rank_accuracy").to_numpy(zero_copy_only=False).astype(np.float64),
     )
     findings = compute_findings(columns, config.findings)
+    sanity = read_table(out, "sanity").to_pylist()
     write_part(out, "findings", rows_to_table("findings", findings), "00000")
     build_catalog(out)
 
@@ -546,10 +592,15 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
     model_info = {
         "kind": ref.kind,
         "arch": ref.arch,
-        "target_layer": ref.target_layer,
+        "target_layer": ref.target_layer.name,
         "input_size": ref.spec.size,
         "heldout_accuracy" if ref.kind == "probe" else "accuracy": accuracy,
     }
+    for r in read_table(out, "sanity").to_pylist():
+        model_info[f"sanity check: {r['method']}"] = (
+            f"{'passed' if r['passed'] else 'FAILED'} (rank correlation {r['rank_correlation']:.2f} after randomising "
+            "the top layers; below 0.5 passes)"
+        )
     if ref.kind == "probe":
         model_info["folds"] = ref.folds
         model_info["train_accuracy"] = ref.info.get("train_accuracy")
@@ -570,6 +621,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "counts": counts,
         "model": model_info,
         "methods": list(config.methods),
+        "sanity": [_json_safe(r) for r in sanity],
         "region_kinds": list(p.region_kinds),
         "labels": list(p.labels),
         "duration_seconds": round(time.time() - p.started, 1),
@@ -614,10 +666,12 @@ def run_pipeline(config: AuditConfig, runner: Runner | None = None) -> dict:
     runner.map(ingest_shard, [(p, s) for s in p.shards])
     ref: ModelRef = runner.call(fit_model, p)
     runner.map(explain_shard, [(p, s, ref) for s in p.shards])
+    runner.call(check_sanity, p, ref)
     return runner.call(summarise, p, ref)
 
 
 __all__ = [
+    "check_sanity",
     "Plan",
     "Shard",
     "ModelRef",

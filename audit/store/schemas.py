@@ -93,6 +93,16 @@ FINDINGS = pa.schema(
     ]
 )
 
+SANITY = pa.schema(
+    [
+        ("method", pa.string()),
+        ("n_images", pa.int32()),
+        ("rank_correlation", pa.float32()),  # Spearman, original vs randomised top layers (mean over images)
+        ("passed", pa.bool_()),  # rank_correlation < 0.5: the maps depend on the model's weights
+        ("randomised", pa.string()),  # the re-initialised modules, comma-separated
+    ]
+)
+
 ERRORS = pa.schema(
     [
         ("path", pa.string()),
@@ -107,5 +117,6 @@ TABLES: dict[str, pa.Schema] = {
     "attributions": ATTRIBUTIONS,
     "maps": MAPS,
     "findings": FINDINGS,
+    "sanity": SANITY,
     "errors": ERRORS,
 }

@@ -19,19 +19,19 @@ def _no_hooks_left(model: nn.Module) -> bool:
 
 def test_torchvision_resnet18() -> None:
     model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
-    assert find_target_layer(model, torch.zeros(1, 3, 64, 64)) == "layer4"
+    assert find_target_layer(model, torch.zeros(1, 3, 64, 64)).name == "layer4"
     assert _no_hooks_left(model)
 
 
 def test_timm_resnet18() -> None:
     model = timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
-    assert find_target_layer(model, torch.zeros(1, 3, 64, 64)) == "layer4"
+    assert find_target_layer(model, torch.zeros(1, 3, 64, 64)).name == "layer4"
     assert _no_hooks_left(model)
 
 
 def test_probe_net() -> None:
     model = ProbeNet(2, width=4).eval()
-    assert find_target_layer(model, torch.zeros(2, 1, 32, 32)) == "features"
+    assert find_target_layer(model, torch.zeros(2, 1, 32, 32)).name == "features"
     assert _no_hooks_left(model)
 
 
@@ -42,18 +42,18 @@ def test_outermost_container_chosen_over_inner_relu() -> None:
         nn.Flatten(),
         nn.Linear(2, 2),
     ).eval()
-    assert find_target_layer(model, torch.zeros(1, 1, 8, 8)) == "0"
+    assert find_target_layer(model, torch.zeros(1, 1, 8, 8)).name == "0"
 
 
 def test_input_too_small_for_spatial_output_picks_earlier_layer() -> None:
     # At 32 px the resnet's layer4 is 1×1, which carries no location; the last map with h·w > 1 is layer3.
     model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
-    assert find_target_layer(model, torch.zeros(1, 3, 32, 32)) == "layer3"
+    assert find_target_layer(model, torch.zeros(1, 3, 32, 32)).name == "layer3"
 
 
 def test_no_spatial_output_raises() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).eval()
-    with pytest.raises(ModelError, match="no module with a spatial output.*target_layer"):
+    with pytest.raises(ModelError, match="no module with a spatial output.*target-layer"):
         find_target_layer(model, torch.zeros(1, 3, 4, 4))
     assert _no_hooks_left(model)
 
