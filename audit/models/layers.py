@@ -2,9 +2,9 @@
 
 The target layer is the last spatial feature map before global pooling. Checked architectures (tests/models):
 torchvision and timm ResNets (``layer4``), timm ConvNeXt (``stages.3``), EfficientNet (``bn2``), the probe
-(``features``), timm Swin (channels-last ``layers.3``) and timm ViT/DeiT (``blocks.<last>.norm1``: the tokens entering the
-last block; the last block's output reaches a class-token head through the class token only, so its patch tokens
-would get no gradient).
+(``features``), timm Swin (channels-last ``layers.3``) and timm ViT/DeiT (``blocks.<last>.norm1``: the tokens
+entering the last block; the last block's output reaches a class-token head through the class token only, so its
+patch tokens would get no gradient).
 """
 
 from __future__ import annotations

@@ -540,6 +540,7 @@ def bilateral_total_variation(
     return 0.5 * (total_variation(masks) + bilateral)
 
 
+@METHODS.register("igos")
 class IGOS(SaliencyMethod):
     """I-GOS (Qi, Khorram & Li, AAAI 2020): a low-resolution mask M (1 = keep, 0 = replace by the blurred
     baseline) minimising the deletion objective
@@ -642,15 +643,16 @@ class IGOSPlusPlus(IGOS):
     mask_count: ClassVar[int] = 2
 
 
-METHODS.register("igos")(IGOS)
-
 
 class _MaskProblem:
-    """The objective of one I-GOS / iGOS++ run over a batch: its integrated-gradient direction and line search."""
+    """The objective of one I-GOS / iGOS++ run over a batch: its integrated-gradient direction and line search.
 
-    def __init__(
-        self, method: IGOS, inputs: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor, chunk: int
-    ) -> None:
+    Masks are float [n, K, h, w] (K = 1 for I-GOS, 2 for iGOS++: deletion, insertion); ``images`` int [n] says
+    which batch images they belong to, so the line search can evaluate only the images still searching.
+    """
+
+    def __init__(self, method: IGOS, inputs: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor,
+                 chunk: int) -> None:
         self.method = method
         self.model = method.model
         self.inputs = inputs
@@ -661,40 +663,31 @@ class _MaskProblem:
         self.size = (inputs.shape[-2], inputs.shape[-1])
         self.noise = torch.zeros(self.steps, *inputs.shape[1:], device=inputs.device, dtype=inputs.dtype)
         device = inputs.device
-        term_mask = {"deletion": 0, "insertion": 1, "product": 2}
-        self.term_mask = torch.tensor([term_mask[t[0]] for t in method.terms], device=device)
+        choice = {"deletion": 0, "insertion": 1, "product": 2}
+        self.term_mask = torch.tensor([choice[t[0]] for t in method.terms], device=device)
         self.term_deletion = torch.tensor([t[1] for t in method.terms], device=device)
-        # The path terms enter the objective as +f_t (deletion) or −f_t (insertion), weighted, averaged over steps.
-        self.term_weight = torch.tensor([(1.0 if t[1] else -1.0) * t[2] for t in method.terms], device=device)
+        # Path terms enter the objective as +f_t (deletion) or −f_t (insertion), weighted, averaged over the steps.
+        self.term_weight = torch.tensor([(1.0 if t[1] else -1.0) * t[2] / self.steps for t in method.terms],
+                                        device=device)
+        self.pairs_per_image = len(method.terms) * self.steps
 
-    def _path_terms(self, masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Σ over path terms and steps, per image: [n] (differentiable in ``masks``, [n, K, h, w]).
-
-        Args:
-            masks: the masks of the images ``images`` (indices into the batch).
-            images: int [n] batch indices.
-        """
-        n = len(images)
-        values = []
-        pairs = pair_chunks(n, len(self.method.terms) * self.steps, self.chunk, masks.device)
-        total = masks.new_zeros(n)
-        for local, pair in pairs:
-            term, step = pair // self.steps, pair % self.steps
-            batch_index = images[local]
-            up = F.interpolate(masks[local], size=self.size, mode="bilinear", align_corners=True)  # [m, K, H, W]
-            choices = torch.stack([up[:, 0], up[:, -1], up.prod(1)], 1)  # deletion, insertion, product
-            mask = choices[torch.arange(len(local), device=masks.device), self.term_mask[term]]
-            mask = (mask * ((step + 1).float() / self.steps)[:, None, None]).to(self.inputs.dtype)[:, None]
-            deletion = self.term_deletion[term][:, None, None, None]
-            image, baseline = self.inputs[batch_index], self.baseline[batch_index]
-            source = torch.where(deletion, image, baseline)
-            destination = torch.where(deletion, baseline, image)
-            path = source * mask + destination * (1 - mask) + self.noise[step]
-            probability = torch.softmax(self.model(path).float(), dim=1).gather(1, self.target[batch_index, None])
-            contribution = self.term_weight[term] * probability[:, 0] / self.steps
-            total = total.index_add(0, local, contribution)
-        values.append(total)
-        return values[0]
+    def _path_chunk(self, masks: torch.Tensor, images: torch.Tensor, local: torch.Tensor,
+                    pair: torch.Tensor) -> torch.Tensor:
+        """Weighted target probabilities of one chunk of (image, term × step) pairs: [m]."""
+        term, step = pair // self.steps, pair % self.steps
+        batch_index = images[local]
+        up = F.interpolate(masks[local], size=self.size, mode="bilinear", align_corners=True)  # [m, K, H, W]
+        choices = torch.stack([up[:, 0], up[:, -1], up.prod(1)], 1)  # deletion, insertion, product
+        mask = choices[torch.arange(len(local), device=masks.device), self.term_mask[term]]
+        # Path point i/S of the straight line from the unperturbed input (I-GOS eq. 6).
+        mask = (mask * ((step + 1).to(mask.dtype) / self.steps)[:, None, None]).to(self.inputs.dtype)[:, None]
+        deletion = self.term_deletion[term][:, None, None, None]
+        image, baseline = self.inputs[batch_index], self.baseline[batch_index]
+        source = torch.where(deletion, image, baseline)  # deletion: Φ(x, x̃, m); insertion: Φ(x̃, x, m)
+        destination = torch.where(deletion, baseline, image)
+        path = source * mask + destination * (1 - mask) + self.noise[step]
+        probability = torch.softmax(self.model(path).float(), dim=1).gather(1, self.target[batch_index, None])
+        return self.term_weight[term] * probability[:, 0]
 
     def _regulariser(self, masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """λ₁ mean|1 − M| + λ₂ TV(M) (BTV for iGOS++) of the combined mask, per image: [n]."""
@@ -709,24 +702,41 @@ class _MaskProblem:
         return method.l1_weight * l1 + method.tv_weight * smooth
 
     def objective(self, masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """L(M) per image [n], with the current noise."""
-        return self._path_terms(masks, images) + self._regulariser(masks, images)
+        """L(M) per image, float [n], with the current noise (no graph)."""
+        with torch.no_grad():
+            total = self._regulariser(masks, images)
+            for local, pair in pair_chunks(len(images), self.pairs_per_image, self.chunk, masks.device):
+                total = total.index_add(0, local, self._path_chunk(masks, images, local, pair))
+        return total
 
     def direction(self, masks: torch.Tensor) -> torch.Tensor:
-        """The descent direction: integrated gradient of the path terms plus the regularisers' gradient."""
-        everyone = torch.arange(masks.shape[0], device=masks.device)
+        """The descent direction [B, K, h, w]: integrated gradient of the path terms plus the regularisers' gradient.
+
+        Each chunk's graph is freed before the next is built; the gradient is taken with respect to the mask only.
+        """
+        images = torch.arange(masks.shape[0], device=masks.device)
         with torch.enable_grad():
             leaf = masks.detach().requires_grad_(True)
-            gradient = torch.zeros_like(masks)
-            # The path terms chunk by chunk: each chunk's graph is freed before the next one is built.
-            n = masks.shape[0]
-            for local, pair in pair_chunks(n, len(self.method.terms) * self.steps, self.chunk, masks.device):
-                del pair
-                break
-            gradient += torch.autograd.grad(self._path_terms_chunked_sum(leaf, everyone), leaf)[0] * 0
-            gradient = self._path_gradient(leaf, everyone)
-            gradient += torch.autograd.grad(self._regulariser(leaf, everyone).sum(), leaf)[0]
+            (gradient,) = torch.autograd.grad(self._regulariser(leaf, images).sum(), leaf)
+            for local, pair in pair_chunks(len(images), self.pairs_per_image, self.chunk, masks.device):
+                (part,) = torch.autograd.grad(self._path_chunk(leaf, images, local, pair).sum(), leaf)
+                gradient = gradient + part
         return gradient
 
     def line_search(self, masks: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Backtracking line search per image (the reference's ``line_search``): the step sizes α, float [B]."""
+        method = self.method
+        count = masks.shape[0]
+        images = torch.arange(count, device=masks.device)
+        base = self.objective(masks, images)
+        decrease = -method.armijo * direction.square().flatten(1).sum(1)
+        steps = torch.full((count,), method.initial_step, device=masks.device)
+        searching = torch.ones(count, dtype=torch.bool, device=masks.device)
+        while bool(searching.any()):
+            active = searching.nonzero()[:, 0]
+            trial = (masks[active] - steps[active, None, None, None] * direction[active]).clamp(0, 1)
+            failed = self.objective(trial, active) > base[active] + steps[active] * decrease[active]
+            failed &= steps[active] >= method.smallest_step
+            searching[active] = failed
+            steps[active[failed]] *= method.step_decay
+        return steps
