@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 DEMO_DATA := reports/demo-data
 DEMO_OUT := reports/demo
 
-.PHONY: all install audit test lint bench clean
+.PHONY: all install audit test lint bench bench-quick clean
 
 all: test
 
@@ -36,6 +36,13 @@ audit: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Saliency throughput ratios (README, "Benchmarks"); about 20 minutes on the 2-core CPU machine.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.saliency $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.saliency --quick --rounds 2 $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check audit flows tests

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from audit.errors import ShapeError
+from audit.models.layers import TargetLayer
 from audit.registry import Registry
 
 
@@ -96,7 +97,7 @@ class SaliencyMethod(ABC):
     reference: ClassVar[str] = ""  # the paper, for the README and the report
 
     def __init__(
-        self, model: nn.Module, target_layer: str | None = None, options: SaliencyOptions | None = None
+        self, model: nn.Module, target_layer: TargetLayer | str | None = None, options: SaliencyOptions | None = None
     ) -> None:
         self.model = model
         self.target_layer = target_layer
@@ -116,7 +117,7 @@ METHODS: Registry[type[SaliencyMethod]] = Registry("saliency method")
 
 
 def create_method(
-    name: str, model: nn.Module, target_layer: str | None = None, options: SaliencyOptions | None = None
+    name: str, model: nn.Module, target_layer: TargetLayer | str | None = None, options: SaliencyOptions | None = None
 ) -> SaliencyMethod:
     """Instantiate the registered method ``name`` for ``model``."""
     return METHODS.get(name)(model, target_layer, options)

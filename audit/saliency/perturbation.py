@@ -146,7 +146,7 @@ SCORECAM_EPSILON = 1e-8  # pytorch-grad-cam 1.5.7 score_cam.py: (A - min) / (max
 
 
 def scorecam_channel_masks(activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Score-CAM's masks H_k (Wang et al. 2020, eq. 4 and Sec. 3.2): each channel upsampled to the input and
+    """Score-CAM's masks H_k (Wang et al. 2020): each channel upsampled to the input and
     min–max normalised on its own.
 
     Upsampling is bilinear with ``align_corners=True`` (``nn.UpsamplingBilinear2d``, as pytorch-grad-cam), and the
@@ -199,7 +199,7 @@ def scorecam_weights(
 ) -> torch.Tensor:
     """Score-CAM's channel weights: softmax over the scored channels of the target logit of x ⊙ H_k.
 
-    Wang et al. define the score as the increase of confidence over a baseline (eq. 3); a constant per image does
+    Wang et al. define the score as the increase of confidence over a baseline input; a constant per image does
     not change a softmax, so the target logit of the masked input is used directly, as pytorch-grad-cam does.
 
     Args:
@@ -229,7 +229,7 @@ def scorecam_weights(
 
 @METHODS.register("scorecam")
 class ScoreCAM(SaliencyMethod):
-    """Score-CAM: map = ReLU(Σ_k w_k A_k), w = softmax_k(y_t(x ⊙ H_k)) (Wang et al. 2020, eq. 5).
+    """Score-CAM: map = ReLU(Σ_k w_k A_k), w = softmax_k(y_t(x ⊙ H_k)) (Wang et al. 2020).
 
     Cost: 1 forward plus one masked forward per scored channel and image (C, or ``options.scorecam_channels``).
     The map is computed at the layer's resolution and upsampled bilinearly (``align_corners=False``), as the CAM
@@ -310,7 +310,7 @@ def scorecam_agreement(full_maps: torch.Tensor, budget_maps: torch.Tensor) -> to
 
 
 class RiseMasks:
-    """RISE's random masks (Petsiuk et al. 2018, Sec. 3.2), drawn once on the CPU and built chunk by chunk.
+    """RISE's random masks (Petsiuk et al. 2018, "mask generation"), drawn once on the CPU and built chunk by chunk.
 
     N binary grids of s × s cells, each cell kept with probability p, are upsampled bilinearly to
     (s + 1) · ⌈H/s⌉ × (s + 1) · ⌈W/s⌉ and cropped to H × W at a random shift in [0, cell) per axis. Only the grids
@@ -345,7 +345,7 @@ class RiseMasks:
         height, width = self.size
         grids = self.grids[start:stop].to(device=device, dtype=torch.float32)
         up_size = ((self.grid + 1) * self.cell[0], (self.grid + 1) * self.cell[1])
-        up = _upsample(grids, up_size, align_corners=False)
+        up = _upsample(grids, up_size, align_corners=False).clamp(0, 1)  # rounding can overshoot 1 by an ulp
         rows = self.shift_y[start:stop].to(device)[:, None] + torch.arange(height, device=device)
         cols = self.shift_x[start:stop].to(device)[:, None] + torch.arange(width, device=device)
         index = torch.arange(stop - start, device=device)[:, None, None]
@@ -354,7 +354,7 @@ class RiseMasks:
 
 @METHODS.register("rise")
 class RISE(SaliencyMethod):
-    """RISE: S(u) = Σ_i P_t(x ⊙ M_i) · M_i(u) / (N · p) (Petsiuk et al. 2018, eq. 6), P_t the softmax probability.
+    """RISE: S(u) = Σ_i P_t(x ⊙ M_i) · M_i(u) / (N · p) (Petsiuk et al. 2018), P_t the softmax probability.
 
     The same N masks (``options.rise_masks``, ``rise_grid``, ``rise_probability``, drawn from ``options.seed``)
     explain every image, so a result does not depend on the batch an image came in. Masked pixels become 0, the
@@ -424,7 +424,7 @@ class Occlusion(SaliencyMethod):
     """Occlusion: attribution(u) = mean over the windows covering u of y_t(x) − y_t(x with the window set to 0).
 
     A square of ``options.occlusion_window`` pixels (all channels) slides with ``options.occlusion_stride`` and is
-    filled with 0, the normalised mean (Zeiler & Fergus 2014, Sec. 4.2). This equals Captum's
+    filled with 0, the normalised mean (Zeiler & Fergus 2014, occlusion sensitivity). This equals Captum's
     ``Occlusion(model).attribute(x, sliding_window_shapes=(C, w, w), strides=(C, s, s), baselines=0)`` summed over
     channels and divided by C. Signed; ``raw_sum`` is the map's sum.
     """
@@ -466,14 +466,24 @@ class Occlusion(SaliencyMethod):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _blur_matrix(length: int, kernel: torch.Tensor) -> torch.Tensor:
+    """The 1-D convolution with ``kernel`` and reflect-101 borders as a [length, length] matrix."""
+    size = kernel.numel()
+    source = (torch.arange(length)[:, None] + torch.arange(size)[None, :] - size // 2).abs()
+    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # reflect-101: … 2 1 | 0 1 2 …
+    matrix = torch.zeros(length, length, dtype=kernel.dtype)
+    return matrix.scatter_add_(1, source, kernel.expand(length, size).contiguous())
+
+
 def blur_baseline(inputs: torch.Tensor) -> torch.Tensor:
     """I-GOS's baseline: a strongly blurred copy of each image.
 
     The reference code (khorrams/IGOS_pp, ``utils.ImageSet``) blurs the 224-px image with
     ``cv2.GaussianBlur(ksize=51, sigmaX=50)`` before normalising; normalisation is a per-channel affine map and the
     kernel sums to 1, so blurring the normalised input is the same. The kernel scales with the shorter side
-    (51 · min(H, W) / 224, odd, σ = ksize − 1 as the reference) and uses cv2's default border (reflect-101 =
-    ``F.pad(mode="reflect")``), capped so the padding stays inside the image.
+    (51 · min(H, W) / 224, odd, σ = ksize − 1 as the reference) and uses cv2's default border (reflect-101), capped
+    so the reflection stays inside the image. The separable blur is applied as two small matrix products
+    K_H · x · K_Wᵀ, which (unlike a grouped convolution) gives each image bit-identical results whatever the batch.
 
     Args:
         inputs: float [B, C, H, W].
@@ -481,20 +491,19 @@ def blur_baseline(inputs: torch.Tensor) -> torch.Tensor:
     Returns:
         float [B, C, H, W].
     """
-    _, channels, height, width = inputs.shape
+    height, width = inputs.shape[-2:]
     shorter = min(height, width)
-    size = max(3, 2 * round(51 * shorter / 224 / 2) + 1)
-    size = min(size, 2 * (shorter - 1) + 1)  # reflect padding must be smaller than the image
+    size = round(51 * shorter / 224)
+    size = max(3, size - 1 + size % 2)  # odd, as cv2 requires
+    size = min(size, 2 * (shorter - 1) + 1)  # the reflection must stay inside the image
     if size < 3:
         return inputs.clone()
-    sigma = float(size - 1)
-    offsets = torch.arange(size, device=inputs.device, dtype=torch.float32) - (size - 1) / 2
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).to(inputs.dtype)
-    pad = size // 2
-    padded = F.pad(inputs, (pad, pad, pad, pad), mode="reflect")
-    horizontal = F.conv2d(padded, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
-    return F.conv2d(horizontal, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(offsets**2) / (2 * float(size - 1) ** 2))
+    kernel = kernel / kernel.sum()
+    rows = _blur_matrix(height, kernel).to(inputs.device, inputs.dtype)
+    cols = _blur_matrix(width, kernel).to(inputs.device, inputs.dtype)
+    return rows @ inputs @ cols.T
 
 
 def total_variation(masks: torch.Tensor) -> torch.Tensor:
@@ -610,8 +619,8 @@ class IGOS(SaliencyMethod):
             noise = torch.randn(options.igos_steps, *inputs.shape[1:], generator=generator) * self.noise_std
             problem.noise = noise.to(inputs.device, inputs.dtype)
             direction = problem.direction(masks)
-            steps = problem.line_search(masks, direction)
-            masks = (masks - steps[:, None, None, None] * direction).clamp(0, 1)
+            step_sizes = problem.line_search(masks, direction)
+            masks = (masks - step_sizes[:, None, None, None] * direction).clamp(0, 1)
         with torch.no_grad():
             combined = masks.prod(1)  # iGOS++ explains with M_del ⊙ M_ins
             saliency = 1 - combined
@@ -643,7 +652,6 @@ class IGOSPlusPlus(IGOS):
     mask_count: ClassVar[int] = 2
 
 
-
 class _MaskProblem:
     """The objective of one I-GOS / iGOS++ run over a batch: its integrated-gradient direction and line search.
 
@@ -651,8 +659,9 @@ class _MaskProblem:
     which batch images they belong to, so the line search can evaluate only the images still searching.
     """
 
-    def __init__(self, method: IGOS, inputs: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor,
-                 chunk: int) -> None:
+    def __init__(
+        self, method: IGOS, inputs: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor, chunk: int
+    ) -> None:
         self.method = method
         self.model = method.model
         self.inputs = inputs
@@ -667,19 +676,21 @@ class _MaskProblem:
         self.term_mask = torch.tensor([choice[t[0]] for t in method.terms], device=device)
         self.term_deletion = torch.tensor([t[1] for t in method.terms], device=device)
         # Path terms enter the objective as +f_t (deletion) or −f_t (insertion), weighted, averaged over the steps.
-        self.term_weight = torch.tensor([(1.0 if t[1] else -1.0) * t[2] / self.steps for t in method.terms],
-                                        device=device)
+        self.term_weight = torch.tensor(
+            [(1.0 if t[1] else -1.0) * t[2] / self.steps for t in method.terms], device=device
+        )
         self.pairs_per_image = len(method.terms) * self.steps
 
-    def _path_chunk(self, masks: torch.Tensor, images: torch.Tensor, local: torch.Tensor,
-                    pair: torch.Tensor) -> torch.Tensor:
+    def _path_chunk(
+        self, masks: torch.Tensor, images: torch.Tensor, local: torch.Tensor, pair: torch.Tensor
+    ) -> torch.Tensor:
         """Weighted target probabilities of one chunk of (image, term × step) pairs: [m]."""
         term, step = pair // self.steps, pair % self.steps
         batch_index = images[local]
         up = F.interpolate(masks[local], size=self.size, mode="bilinear", align_corners=True)  # [m, K, H, W]
         choices = torch.stack([up[:, 0], up[:, -1], up.prod(1)], 1)  # deletion, insertion, product
         mask = choices[torch.arange(len(local), device=masks.device), self.term_mask[term]]
-        # Path point i/S of the straight line from the unperturbed input (I-GOS eq. 6).
+        # Path point i/S of the straight line from the unperturbed input (I-GOS's integrated gradient).
         mask = (mask * ((step + 1).to(mask.dtype) / self.steps)[:, None, None]).to(self.inputs.dtype)[:, None]
         deletion = self.term_deletion[term][:, None, None, None]
         image, baseline = self.inputs[batch_index], self.baseline[batch_index]
@@ -730,13 +741,13 @@ class _MaskProblem:
         images = torch.arange(count, device=masks.device)
         base = self.objective(masks, images)
         decrease = -method.armijo * direction.square().flatten(1).sum(1)
-        steps = torch.full((count,), method.initial_step, device=masks.device)
+        step_sizes = torch.full((count,), method.initial_step, device=masks.device)
         searching = torch.ones(count, dtype=torch.bool, device=masks.device)
         while bool(searching.any()):
             active = searching.nonzero()[:, 0]
-            trial = (masks[active] - steps[active, None, None, None] * direction[active]).clamp(0, 1)
-            failed = self.objective(trial, active) > base[active] + steps[active] * decrease[active]
-            failed &= steps[active] >= method.smallest_step
+            trial = (masks[active] - step_sizes[active, None, None, None] * direction[active]).clamp(0, 1)
+            failed = self.objective(trial, active) > base[active] + step_sizes[active] * decrease[active]
+            failed &= step_sizes[active] >= method.smallest_step
             searching[active] = failed
-            steps[active[failed]] *= method.step_decay
-        return steps
+            step_sizes[active[failed]] *= method.step_decay
+        return step_sizes
