@@ -150,3 +150,43 @@ def test_missing_or_empty_dataset_fails_at_once(tmp_path: Path, capsys: pytest.C
     with pytest.raises(DataError, match="no images found"):
         run_pipeline(build_config(data=tmp_path / "empty", out=tmp_path / "out"))
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_every_registered_method_runs_through_audit_run(tmp_path: Path) -> None:
+    """`audit run --methods <every method>` on a tiny dataset: a row per image × method × region kind, a sanity
+    verdict per method, and maps that are finite."""
+    from audit.saliency import method_names
+
+    write_demo(tmp_path / "data", n=8, shortcut_rate=0.5, seed=4, size=64)
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        "[saliency]\nig_steps = 4\nsmoothgrad_samples = 2\nrise_masks = 8\nocclusion_window = 16\n"
+        "occlusion_stride = 16\nigos_iterations = 1\nigos_steps = 2\n"
+    )
+    methods = [*method_names(), "smoothgrad:gradient_x_input"]
+    code = main(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--methods",
+            ",".join(methods),
+            "--no-prefect",
+            "--quiet",
+            "--probe-size",
+            "32",
+            "--probe-epochs",
+            "1",
+        ]
+    )
+    assert code == 0
+    _, rows = query(tmp_path / "out", "SELECT method, count(*) FROM attributions GROUP BY method")
+    assert dict(rows) == {m: 8 * 3 for m in methods}
+    _, rows = query(tmp_path / "out", "SELECT method FROM sanity")
+    assert sorted(r[0] for r in rows) == sorted(methods)
+    _, rows = query(tmp_path / "out", "SELECT count(*) FROM maps WHERE NOT isfinite(map_scale)")
+    assert rows == [(0,)]

@@ -78,11 +78,13 @@ def eigencam_map(a: torch.Tensor, _g: torch.Tensor | None, _t: torch.Tensor, _c:
     principal component. The SVD's sign is arbitrary; it is fixed so that the map's largest absolute value is
     positive (as Seg-Eigen-CAM's sign correction, Chung & Ying 2025, eq. 13)."""
     b, c, h, w = a.shape
-    flat = a.reshape(b, c, h * w).transpose(1, 2).float()  # [B, hw, C]
+    precise = torch.float32 if a.device.type == "mps" else torch.float64  # MPS has no float64
+    flat = a.reshape(b, c, h * w).transpose(1, 2).to(precise)  # [B, hw, C]
     centred = flat - flat.mean(dim=1, keepdim=True)
-    # The first right singular vector is the top eigenvector of the C × C covariance: one batched eigh.
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = (centred @ vh[:, 0, :, None])[..., 0]  # [B, hw]
+    # With X = U S Vᵀ, the projection X v₁ equals s₁ u₁, and u₁, s₁² are the top eigenpair of the small hw × hw
+    # Gram matrix X Xᵀ: one batched eigh of [B, hw, hw] instead of an SVD of [B, hw, C] (C up to 2048).
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+    projection = eigenvectors[:, :, -1] * eigenvalues[:, -1:].clamp_min(0).sqrt()  # [B, hw]
     flip = projection.amax(1, keepdim=True).abs() < projection.amin(1, keepdim=True).abs()
     projection = torch.where(flip, -projection, projection)
     return projection.reshape(b, h, w).to(a.dtype)

@@ -20,6 +20,7 @@ from torch import nn
 from audit.models.layers import TargetLayer, as_target_layer
 from audit.saliency.base import SaliencyOptions
 from audit.saliency.engine import build_methods, explain
+from audit.saliency.ranking import spearman
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -33,22 +34,6 @@ class SanityResult:
     per_image: tuple[float, ...]
     passed: bool
     randomised: tuple[str, ...]  # the re-initialised module names
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of a, b: [B, P] → [B] (ties broken by position; maps are continuous)."""
-
-    def ranks(x: torch.Tensor) -> torch.Tensor:
-        order = x.argsort(dim=1)
-        r = torch.empty_like(order, dtype=torch.float64)
-        r.scatter_(1, order, torch.arange(x.shape[1], dtype=torch.float64, device=x.device).expand_as(order).clone())
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    denominator = (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
-    return ((ra * rb).sum(1) / denominator).float()
 
 
 def top_modules(model: nn.Module, layer: TargetLayer | None) -> list[str]:
@@ -111,8 +96,14 @@ def randomisation_check(
     randomised = explain(build_methods(methods, random_model, spec, options), inputs, targets)
     results = []
     for name in methods:
-        rho = spearman(original[name].maps.flatten(1).abs(), randomised[name].maps.flatten(1).abs())
-        rho = torch.nan_to_num(rho, nan=1.0)  # a constant map (e.g. all zero) is treated as unchanged
+        before, after = original[name].maps.flatten(1).abs(), randomised[name].maps.flatten(1).abs()
+        rho = spearman(before, after)
+        # A constant map has no ranking: two constant maps did not change (1), one that became or stopped being
+        # constant (e.g. all zero after the randomisation) changed completely (0).
+        constant_before = before.amax(1) == before.amin(1)
+        constant_after = after.amax(1) == after.amin(1)
+        fallback = (constant_before & constant_after).float()
+        rho = torch.where(torch.isnan(rho), fallback.to(rho.device), rho)
         mean = float(rho.mean())
         results.append(
             SanityResult(

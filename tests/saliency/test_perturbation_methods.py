@@ -146,8 +146,11 @@ def test_memory_budget_sets_the_chunk() -> None:
     # conv 6×64², ReLU 6×64², conv 8×32², ReLU 8×32², pool 8, fc 3 floats per image.
     assert footprint[0] // 2 == 4 * (2 * 6 * 64 * 64 + 2 * 8 * 32 * 32 + 8 + 3)
     options = SaliencyOptions(memory_budget_mb=1, occlusion_window=32, occlusion_stride=16)
-    expected = chunk_size(sample_bytes(footprint[0] // 2, 4 * 3 * 64 * 64, input_copies=3), options)
-    assert expected == 2**20 // (2 * footprint[0] // 2 + 3 * 4 * 3 * 64 * 64)
+    assert footprint[1] // 2 == 4 * 6 * 64 * 64  # the largest output: the first convolution's
+    expected = chunk_size(
+        sample_bytes(footprint[0] // 2, 4 * 3 * 64 * 64, input_copies=3, largest_output=footprint[1] // 2), options
+    )
+    assert expected == 2**20 // (4 * footprint[1] // 2 + 3 * 4 * 3 * 64 * 64)
     with BatchRecorder(model) as recorder:
         create_method("occlusion", model, None, options).attribute(x)
     assert max(recorder.sizes[1:]) == expected < 2 * 9  # 9 windows × 2 images would not fit

@@ -25,7 +25,7 @@ class InputEdges(SaliencyMethod):
 
 @pytest.fixture
 def resnet() -> torch.nn.Module:
-    # Untrained networks give Grad-CAM maps of very different stability (ρ from −0.5 to 0.6 over seeds 0–3 here);
+    # Untrained networks give Grad-CAM maps of very different stability (ρ from 0 to 0.64 over seeds 0–3 here);
     # seed 3 is one whose maps clearly depend on the top layers, which is what the check must recognise.
     torch.manual_seed(3)
     return torchvision.models.resnet18(weights=None, num_classes=3).eval()
