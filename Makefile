@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 DEMO_DATA := reports/demo-data
 DEMO_OUT := reports/demo
 
-.PHONY: all install audit test lint bench bench-quick clean
+.PHONY: all install audit test lint bench bench-quick eval-regions clean
 
 all: test
 
@@ -43,6 +43,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.saliency --quick --rounds 2 $(BENCH_ARGS)
+
+# Region detectors against the hand-drawn boxes of the real radiographs in ../shared/data/cxr-real.
+CXR_REAL ?= ../shared/data/cxr-real
+eval-regions: $(STAMP)
+	$(BIN)/audit eval-regions --root $(CXR_REAL) --boxes $(CXR_REAL)/regions.csv --json reports/bench/regions.json $(EVAL_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check audit flows tests

@@ -51,8 +51,15 @@ class ModelConfig(_Strict):
 
 
 class RegionConfig(_Strict):
+    """Which regions are measured: detectors, the detection cache, and the user's own regions."""
+
     detectors: tuple[str, ...] = ("text", "border")
-    max_side: int = Field(512, ge=64, description="detection runs on a copy whose long side is at most this")
+    watermark: bool = Field(True, description="look for class-associated overlays at a fixed position (dataset-level)")
+    cache: bool = Field(True, description="reuse detections of the same image content from earlier audits")
+    cache_dir: Path | None = Field(None, description="detection cache folder; default ~/.cache/shortcut-audit/regions")
+    user_boxes: Path | None = Field(None, description="CSV of boxes: path, kind, x0, y0, x1, y1")
+    user_masks: Path | None = Field(None, description="folder MASKS/<kind>/<image path>.png of region masks")
+    expected: str | None = Field(None, description="a user kind whose complement is reported as outside_<kind>")
 
 
 class SaliencyConfig(_Strict):

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 import torch
 
@@ -41,7 +42,10 @@ from audit.models.layers import TargetLayer, describe_layer, find_target_layer
 from audit.models.loading import load_user_model
 from audit.models.preprocessing import InputSpec
 from audit.models.probe import ProbeNet, assign_folds, probe_input_spec, save_probe, train_probe
-from audit.regions import DETECTORS, detect_regions
+from audit.regions import DETECTORS, Detection
+from audit.regions.base import to_gray
+from audit.regions.cache import RegionCache, default_cache_dir
+from audit.regions.user import UserRegions, load_user_regions
 from audit.saliency import SaliencyOptions, build_methods, explain, validate_methods
 from audit.store.catalog import build_catalog
 from audit.store.parquet import read_table, rows_to_table, write_part
@@ -70,6 +74,7 @@ class Plan:
     region_kinds: tuple[str, ...]
     spec: InputSpec
     started: float
+    user: UserRegions = field(default_factory=UserRegions)
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,16 @@ def plan(config: AuditConfig) -> Plan:
         len(manifest.labels),
         len(shards),
     )
+    user = load_user_regions(config.regions.user_boxes, config.regions.user_masks, config.regions.expected)
+    kinds = region_kinds(config.regions.detectors) + (("watermark",) if config.regions.watermark else ())
+    kinds = (*kinds, *(k for k in user.kinds if k not in kinds))
     return Plan(
+        user=user,
         config=config,
         root=manifest.root,
         labels=manifest.labels,
         shards=shards,
-        region_kinds=region_kinds(config.regions.detectors),
+        region_kinds=kinds,
         spec=spec,
         started=time.time(),
     )
@@ -166,32 +175,76 @@ def _work_file(out: Path, shard: int) -> Path:
     return out / "work" / f"shard-{shard:05d}.npz"
 
 
+def _region_row(image_id: str, path: str, d: Detection) -> dict:
+    return {
+        "image_id": image_id,
+        "path": path,
+        "kind": d.kind,
+        "x0": d.x0,
+        "y0": d.y0,
+        "x1": d.x1,
+        "y1": d.y1,
+        "score": d.score,
+        "detector": d.detector,
+        "detector_version": d.detector_version,
+    }
+
+
+def _read_image(p: Plan, entry: ManifestEntry, errors: list[dict]) -> tuple[bytes, np.ndarray] | None:
+    """The file's bytes and decoded pixels, or None (and a row in ``errors``) when it cannot be read."""
+    try:
+        data = safe_join(p.root, entry.path).read_bytes()
+        return data, decode_image(data, entry.path)
+    except FileNotFoundError:
+        errors.append({"path": entry.path, "stage": "read", "message": f"{entry.path}: file not found"})
+    except (AuditError, OSError) as exc:
+        errors.append({"path": entry.path, "stage": "decode", "message": str(exc)})
+    return None
+
+
+def _shard_hashes(p: Plan, shard: Shard) -> list[str]:
+    """Content hashes of the shard's readable files, to look their regions up before decoding anything."""
+    hashes = []
+    for entry in shard.entries:
+        try:
+            hashes.append(content_hash(safe_join(p.root, entry.path).read_bytes()))
+        except (AuditError, OSError):
+            continue  # reported when the file is read for real
+    return hashes
+
+
 def ingest_shard(p: Plan, shard: Shard) -> dict:
     """Read, hash, decode, detect regions and resize every image of one shard.
 
-    Writes ``tables/regions`` and ``tables/errors`` parts and a work file with the resized inputs
-    (uint8 [n, C, S, S]) for the model stages. Returns counts.
+    Detections come from the region cache when this detector version has seen the same image content before
+    (README, "Regions"); new ones are added to it. Writes ``tables/regions`` and ``tables/errors`` parts and a
+    work file with the resized inputs (uint8 [n, C, S, S]) and user masks (uint8 [n, M, S, S]) for the model
+    stages. Returns counts, including how many detector calls were made.
     """
     start = time.perf_counter()
-    out = p.config.out
+    config = p.config
+    out = config.out
     errors: list[dict] = []
     regions: list[dict] = []
     meta: dict[str, list] = {
         k: [] for k in ("image_id", "path", "label", "split", "group", "width", "height", "channels")
     }
     inputs: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    detectors = {name: DETECTORS.get(name)() for name in config.regions.detectors}
+    cache = RegionCache(config.regions.cache_dir or default_cache_dir()) if config.regions.cache else None
+    cached: dict[str, dict[str, list[Detection]]] = {name: {} for name in detectors}
+    if cache is not None:
+        hashes = _shard_hashes(p, shard)
+        cached = {name: cache.lookup(name, d.version, hashes) for name, d in detectors.items()}
+    fresh: dict[str, dict[str, list[Detection]]] = {name: {} for name in detectors}
     seen: set[str] = set()
+    calls = 0
     for entry in shard.entries:
-        try:
-            full = safe_join(p.root, entry.path)
-            data = full.read_bytes()
-            image = decode_image(data, entry.path)
-        except FileNotFoundError:
-            errors.append({"path": entry.path, "stage": "read", "message": f"{entry.path}: file not found"})
+        read = _read_image(p, entry, errors)
+        if read is None:
             continue
-        except (AuditError, OSError) as exc:
-            errors.append({"path": entry.path, "stage": "decode", "message": str(exc)})
-            continue
+        data, image = read
         image_id = content_hash(data)
         if image_id in seen:  # the same bytes twice in one shard: audit once
             errors.append(
@@ -203,27 +256,49 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
             )
             continue
         seen.add(image_id)
-        try:
-            detections = detect_regions(image, p.config.regions.detectors)
-        except Exception as exc:  # a detector bug must not lose the image's other results
-            errors.append({"path": entry.path, "stage": "regions", "message": f"{type(exc).__name__}: {exc}"})
-            detections = []
-        for d in detections:
-            regions.append(
-                {
-                    "image_id": image_id,
-                    "path": entry.path,
-                    "kind": d.kind,
-                    "x0": d.x0,
-                    "y0": d.y0,
-                    "x1": d.x1,
-                    "y1": d.y1,
-                    "score": d.score,
-                    "detector": d.detector,
-                    "detector_version": d.detector_version,
-                }
-            )
+        gray = None
+        for name, detector in detectors.items():
+            found = cached[name].get(image_id)
+            if found is None:
+                gray = to_gray(image) if gray is None else gray
+                try:
+                    found = detector.detect(gray)
+                except Exception as exc:  # a detector bug must not lose the image's other results
+                    errors.append(
+                        {"path": entry.path, "stage": "regions", "message": f"{name}: {type(exc).__name__}: {exc}"}
+                    )
+                    continue
+                calls += 1
+                fresh[name][image_id] = found
+            regions.extend(_region_row(image_id, entry.path, d) for d in found)
         height, width = image.shape[:2]
+        regions.extend(_region_row(image_id, entry.path, d) for d in p.user.detections(entry.path))
+        file_masks = p.user.masks(entry.path, height, width)
+        stack = np.zeros((len(p.user.mask_kinds), p.spec.size, p.spec.size), np.uint8)
+        for k, kind in enumerate(p.user.mask_kinds):
+            if kind in file_masks:
+                ys, xs = np.nonzero(file_masks[kind])
+                if len(xs):
+                    regions.append(
+                        _region_row(
+                            image_id,
+                            entry.path,
+                            Detection(
+                                kind,
+                                int(xs.min()),
+                                int(ys.min()),
+                                int(xs.max()) + 1,
+                                int(ys.max()) + 1,
+                                1.0,
+                                "user-masks",
+                                "1",
+                            ),
+                        )
+                    )
+                stack[k] = cv2.resize(
+                    file_masks[kind].astype(np.uint8), (p.spec.size, p.spec.size), interpolation=cv2.INTER_NEAREST
+                )
+        masks.append(stack)
         for key, value in (
             ("image_id", image_id),
             ("path", entry.path),
@@ -236,25 +311,108 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
         ):
             meta[key].append(value)
         inputs.append(p.spec.resize(image))
+    if cache is not None:
+        for name, detector in detectors.items():
+            cache.store(name, detector.version, fresh[name])
     key = f"{shard.index:05d}"
     write_part(out, "regions", rows_to_table("regions", regions), key)
     write_part(out, "errors", rows_to_table("errors", errors), f"ingest-{key}")
     work = _work_file(out, shard.index)
     work.parent.mkdir(parents=True, exist_ok=True)
-    array = np.stack(inputs) if inputs else np.zeros((0, p.spec.channels, p.spec.size, p.spec.size), np.uint8)
+    size = p.spec.size
+    array = np.stack(inputs) if inputs else np.zeros((0, p.spec.channels, size, size), np.uint8)
+    mask_array = np.stack(masks) if masks else np.zeros((0, len(p.user.mask_kinds), size, size), np.uint8)
     temporary = work.with_suffix(".tmp.npz")
-    np.savez(temporary, inputs=array, **{k: np.array(v, dtype=object) for k, v in meta.items()})
+    np.savez(temporary, inputs=array, masks=mask_array, **{k: np.array(v, dtype=object) for k, v in meta.items()})
     temporary.replace(work)
     seconds = time.perf_counter() - start
     log.info(
-        "ingest shard %d: %d images, %d errors, %d regions (%.1f img/s)",
+        "ingest shard %d: %d images, %d errors, %d regions, %d detector calls (%.1f img/s)",
         shard.index,
         len(inputs),
         len(errors),
         len(regions),
+        calls,
         len(shard.entries) / max(seconds, 1e-9),
     )
-    return {"shard": shard.index, "images": len(inputs), "errors": len(errors), "regions": len(regions)}
+    return {
+        "shard": shard.index,
+        "images": len(inputs),
+        "errors": len(errors),
+        "regions": len(regions),
+        "detector_calls": calls,
+    }
+
+
+def _gray_grid(inputs: np.ndarray) -> np.ndarray:
+    """uint8 [n, C, S, S] model inputs → uint8 [n, S, S] grayscale on the same grid."""
+    if inputs.shape[1] == 1:
+        return inputs[:, 0]
+    return np.round(inputs[:, :3].astype(np.float32).transpose(0, 2, 3, 1) @ np.float32([0.299, 0.587, 0.114])).astype(
+        np.uint8
+    )
+
+
+def detect_watermarks(p: Plan) -> dict:
+    """The dataset-level watermark detector (README, "Regions"): overlays that recur at about the same place in
+    the images of one class, found from statistics over the whole dataset, then located in each image.
+
+    Two streaming passes over the shards' resized inputs (no decoding); writes ``tables/regions`` parts
+    ``watermark-<shard>`` and ``work/watermark.json``. Returns what was found.
+    """
+    from audit.regions.watermark import WatermarkMatches, WatermarkStatistics, slice_fits
+
+    config = p.config
+    if not config.regions.watermark:
+        return {"regions": []}
+    stats = WatermarkStatistics(grid=p.spec.size, seed=config.findings.seed)
+    for shard in p.shards:
+        work = _load_work(config.out, shard.index)
+        if len(work["inputs"]):
+            stats.add(_gray_grid(work["inputs"]), np.array([p.labels.index(str(v)) for v in work["label"]]))
+    model = stats.finish()
+    found = []
+    if model.regions:
+        matches = [model.match(_gray_grid(_load_work(config.out, s.index)["inputs"])) for s in p.shards]
+        fits = model.assign(WatermarkMatches.concatenate(matches).scores)
+        start = 0
+        for shard, shard_matches in zip(p.shards, matches, strict=True):
+            work = _load_work(config.out, shard.index)
+            n = len(work["inputs"])
+            sizes = list(zip(work["width"].astype(int), work["height"].astype(int), strict=True))
+            detections = model.detections(shard_matches, slice_fits(fits, slice(start, start + n)), sizes)
+            start += n
+            rows = [
+                _region_row(str(image_id), str(path), d)
+                for image_id, path, found_here in zip(work["image_id"], work["path"], detections, strict=True)
+                for d in found_here
+            ]
+            write_part(config.out, "regions", rows_to_table("regions", rows), f"watermark-{shard.index:05d}")
+        labels = np.concatenate(
+            [[p.labels.index(str(v)) for v in _load_work(config.out, s.index)["label"]] for s in p.shards]
+        ).astype(int)
+        for region, fit in zip(model.regions, fits, strict=True):
+            found.append(
+                {
+                    "label": p.labels[region.label],
+                    "grid_box": list(region.box),
+                    "z": region.z,
+                    "threshold": region.threshold,
+                    "carriers": int(fit.carriers.sum()),
+                    "prevalence": {p.labels[k]: v for k, v in fit.prevalence(labels).items()},
+                }
+            )
+            log.info(
+                "watermark found in class %s: grid box %s, z %.1f (threshold %.1f), %d images carry it",
+                p.labels[region.label],
+                region.box,
+                region.z,
+                region.threshold,
+                int(fit.carriers.sum()),
+            )
+    record = {"grid": p.spec.size, "threshold": model.threshold, "regions": found}
+    (config.out / "work" / "watermark.json").write_text(json.dumps(record, indent=2, default=float))
+    return record
 
 
 def _load_work(out: Path, shard: int) -> dict[str, np.ndarray]:
@@ -473,6 +631,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
             elif config.target != "predicted":
                 target = torch.full((len(index),), p.labels.index(config.target), dtype=torch.long, device=device)
             masks = boxes_to_masks(boxes_all[index].to(device), kinds_all[index].to(device), num_kinds, size, size)
+            masks = _with_user_masks(masks, torch.from_numpy(work["masks"][index]).to(device), p)
             results = explain(methods[k], xs, target)
             for name, result in results.items():
                 if name == config.methods[0]:
@@ -534,11 +693,32 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     return {"shard": shard.index, "images": n, "seconds": seconds}
 
 
+def _with_user_masks(masks: torch.Tensor, file_masks: torch.Tensor, p: Plan) -> torch.Tensor:
+    """Add the user's mask files to the box masks, and derive ``outside_<expected>``.
+
+    Args:
+        masks: bool [b, K, S, S] from the boxes (detected and user-given), kinds in ``p.region_kinds`` order.
+        file_masks: uint8 [b, M, S, S], one channel per ``p.user.mask_kinds``.
+    """
+    for k, kind in enumerate(p.user.mask_kinds):
+        masks[:, p.region_kinds.index(kind)] |= file_masks[:, k].bool()
+    if p.user.expected:
+        expected = masks[:, p.region_kinds.index(p.user.expected)]
+        present = expected.flatten(1).any(1)[:, None, None]  # images without the expected region: kind absent
+        masks[:, p.region_kinds.index(f"outside_{p.user.expected}")] = ~expected & present
+    return masks
+
+
 def read_shard_regions(out: Path, key: str) -> list[dict]:
+    """The shard's regions: per-image detections and user regions, and the dataset-level watermark detections."""
     import pyarrow.parquet as pq
 
-    path = out / "tables" / "regions" / f"part-{key}.parquet"
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    rows = []
+    for name in (f"part-{key}.parquet", f"part-watermark-{key}.parquet"):
+        path = out / "tables" / "regions" / name
+        if path.exists():
+            rows.extend(pq.read_table(path).to_pylist())
+    return rows
 
 
 def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarray, num_labels: int) -> None:
@@ -664,6 +844,7 @@ def run_pipeline(config: AuditConfig, runner: Runner | None = None) -> dict:
     runner = runner or LocalRunner(config.workers)
     p: Plan = runner.call(plan, config)
     runner.map(ingest_shard, [(p, s) for s in p.shards])
+    runner.call(detect_watermarks, p)
     ref: ModelRef = runner.call(fit_model, p)
     runner.map(explain_shard, [(p, s, ref) for s in p.shards])
     runner.call(check_sanity, p, ref)
@@ -672,6 +853,7 @@ def run_pipeline(config: AuditConfig, runner: Runner | None = None) -> dict:
 
 __all__ = [
     "check_sanity",
+    "detect_watermarks",
     "Plan",
     "Shard",
     "ModelRef",

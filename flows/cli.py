@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="images per saliency batch (default 32)")
     run.add_argument("--probe-epochs", type=int, help="epochs of the probe model (default 30)")
     run.add_argument("--probe-size", type=int, help="input size of the probe model, px (default 160)")
+    run.add_argument("--user-boxes", type=Path, help="CSV of your own region boxes: path, kind, x0, y0, x1, y1")
+    run.add_argument("--user-masks", type=Path, help="folder of your own region masks: MASKS/<kind>/<image path>.png")
+    run.add_argument("--expected", help="a user region kind (e.g. lung) whose outside is reported as outside_<kind>")
+    run.add_argument("--no-region-cache", action="store_true", help="detect regions again even if cached")
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
     run.add_argument("--quiet", action="store_true", help="only warnings and the final line")
 
@@ -53,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=600, help="number of images (half per class)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=int, default=256, help="image side, px")
+
+    evaluate = commands.add_parser("eval-regions", help="measure the region detectors against hand-drawn boxes")
+    evaluate.add_argument("--root", type=Path, required=True, help="folder the CSV's paths are relative to")
+    evaluate.add_argument("--boxes", type=Path, required=True, help="CSV with path, kind, x0, y0, x1, y1")
+    evaluate.add_argument("--detectors", default="text,border", help="comma-separated detector names")
+    evaluate.add_argument("--min-iou", type=float, default=0.3)
+    evaluate.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
 
     sql = commands.add_parser("sql", help="run a read-only SQL query against a finished audit")
     sql.add_argument("dir", type=Path, help="the audit's output folder (holding audit.duckdb)")
@@ -78,6 +89,10 @@ def _run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "probe.epochs": args.probe_epochs,
         "probe.image_size": args.probe_size,
+        "regions.user_boxes": args.user_boxes,
+        "regions.user_masks": args.user_masks,
+        "regions.expected": args.expected,
+        "regions.cache": False if args.no_region_cache else None,
     }
     if args.config is None and args.data is None:
         raise AuditError("audit run needs --data DIR (or --config FILE that sets data)")
@@ -111,6 +126,18 @@ def _demo(args: argparse.Namespace) -> int:
         f"demo dataset: {info.n_images} images in {args.out} "
         f"(manifest {info.manifest}, ground truth {info.ground_truth})"
     )
+    return EXIT_OK
+
+
+def _eval_regions(args: argparse.Namespace) -> int:
+    from audit.regions.evaluate import evaluate_regions, format_table, write_json
+
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    result = evaluate_regions(args.root, args.boxes, detectors, args.min_iou)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
     return EXIT_OK
 
 
@@ -149,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("audit", "prefect"):
         logging.getLogger(name).setLevel(level)
     try:
-        return {"run": _run, "demo": _demo, "sql": _sql}[args.command](args)
+        commands = {"run": _run, "demo": _demo, "sql": _sql, "eval-regions": _eval_regions}
+        return commands[args.command](args)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -12,6 +12,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_region_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or write the user's detection cache (~/.cache/shortcut-audit)."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Each device test runs on the CPU, and on CUDA where one is present (skipped otherwise)."""

@@ -72,9 +72,9 @@ def test_outputs_and_tables_agree(shortcut_audit: tuple[Path, int]) -> None:
         assert (out / name).is_file()
     _, rows = query(out, "SELECT count(*) FROM images")
     assert rows == [(DEMO["n"],)]
-    # One attribution row per image × method × region kind.
+    # One attribution row per image × method × region kind (text, marker, border, watermark).
     _, rows = query(out, "SELECT count(*), count(DISTINCT region_kind) FROM attributions")
-    assert rows == [(DEMO["n"] * 3, 3)]
+    assert rows == [(DEMO["n"] * 4, 4)]
     _, rows = query(out, "SELECT verdict FROM findings WHERE label = 'opacity' AND region_kind = 'text'")
     assert rows == [("shortcut",)]
     # Enrichment is mass / area wherever a region is present, NaN elsewhere.
@@ -185,7 +185,7 @@ def test_every_registered_method_runs_through_audit_run(tmp_path: Path) -> None:
     )
     assert code == 0
     _, rows = query(tmp_path / "out", "SELECT method, count(*) FROM attributions GROUP BY method")
-    assert dict(rows) == {m: 8 * 3 for m in methods}
+    assert dict(rows) == {m: 8 * 4 for m in methods}  # 8 images × 4 region kinds
     _, rows = query(tmp_path / "out", "SELECT method FROM sanity")
     assert sorted(r[0] for r in rows) == sorted(methods)
     _, rows = query(tmp_path / "out", "SELECT count(*) FROM maps WHERE NOT isfinite(map_scale)")
