@@ -1,8 +1,10 @@
-"""The text / marker detector, scored against the demo's ground truth, plus the detector contract."""
+"""The text / marker detector: the demo's ground truth, one synthetic case per cue of drawn overlays, real radiographs
+from shared/data/cxr-real, and the detector contract."""
 
 from __future__ import annotations
 
 import csv
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from audit.regions import DETECTORS, Detection, detect_regions, match_boxes
 from audit.regions.text import TextDetector
 
 KINDS = ("text", "marker")
+CXR_REAL = Path(os.environ.get("CXR_REAL", Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-real"))
 
 
 def _score(root: Path, kinds: tuple[str, ...]) -> dict[str, tuple[float, float]]:
@@ -133,3 +136,188 @@ def test_registry_and_input_errors() -> None:
     with pytest.raises(ShapeError, match="expected shape"):
         detect_regions(np.zeros((64, 64, 2), np.uint8))
     assert TextDetector().detect(np.full((64, 64), 128, np.uint8)) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cues of drawn overlays, one synthetic case each: a smooth body-like background with pixel noise, and an
+# overlay (or a look-alike) whose answer is known.
+
+
+def _background(seed: int, size: int = 256) -> np.ndarray:
+    """float32 [size, size]: a soft bright blob (the body) on a darker field, with pixel noise; nowhere flat."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    body = 60.0 * np.exp(-(((xx - size / 2) / (0.35 * size)) ** 2 + ((yy - size / 2) / (0.45 * size)) ** 2))
+    return 70.0 + body + rng.normal(0.0, 3.0, (size, size)).astype(np.float32)
+
+
+def _burn(image: np.ndarray, text: str, x: int, y: int, cap: int, value: float, thickness: int = 2) -> None:
+    """Burn antialiased Hershey ``text`` into ``image`` (float32, in place) with grey level ``value``."""
+    ink = np.zeros(image.shape, np.uint8)
+    cv2.putText(ink, text, (x, y + cap), cv2.FONT_HERSHEY_SIMPLEX, cap / 22.0, 255, thickness, cv2.LINE_AA)
+    alpha = ink.astype(np.float32) / 255.0
+    image *= 1.0 - alpha
+    image += alpha * value
+
+
+def _u8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _found(image: np.ndarray) -> list[tuple[str, tuple[int, int, int, int]]]:
+    return [(d.kind, (d.x0, d.y0, d.x1, d.y1)) for d in TextDetector().detect(_u8(image))]
+
+
+@pytest.mark.parametrize("ramp", [0.0, 1.3], ids=["flat", "ramp"])
+def test_saturated_letter_in_a_grey_box_near_a_corner_is_a_marker_with_its_box(ramp: float) -> None:
+    # The box's fill is one grey level, or a ramp when the image was post-processed after the box was drawn;
+    # either way it is planar, and the marker is the whole box with its one-pixel outline.
+    image = _background(1)
+    x0, y0, x1, y1 = 14, 10, 44, 50
+    yy, xx = np.mgrid[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
+    image[y0:y1, x0:x1] = 150.0
+    image[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = 85.0 + ramp * (xx - x0) + 0.3 * ramp * (yy - y0)
+    _burn(image, "R", 21, 17, 24, 255.0, thickness=3)
+    assert _found(image) == [("marker", (x0, y0, x1, y1))]
+
+
+def test_bright_but_blurred_rib_like_curve_near_the_edge_is_nothing() -> None:
+    # As bright as an overlay and as close to the edge, but its edges are spread over several pixels.
+    image = _background(2)
+    rib = np.zeros(image.shape, np.float32)
+    cv2.ellipse(rib, (60, 80), (70, 40), 0, 180, 300, 1.0, 4)
+    rib = cv2.GaussianBlur(rib, (0, 0), 2.0)
+    assert _found(image + 150.0 * rib / rib.max()) == []
+
+
+@pytest.mark.parametrize(("blur", "expected"), [(0.0, 1), (1.5, 0)])
+def test_a_letter_is_found_when_its_edges_are_steps_and_not_when_blurred(blur: float, expected: int) -> None:
+    image = _background(3)
+    ink = np.zeros(image.shape, np.float32)
+    _burn(ink, "R", 20, 20, 18, 1.0)
+    if blur:
+        ink = cv2.GaussianBlur(ink, (0, 0), blur)
+    found = _found(image * (1.0 - ink) + 230.0 * ink)
+    assert [kind for kind, _ in found] == ["marker"] * expected
+
+
+@pytest.mark.parametrize(("corner", "expected"), [((20, 20), ["marker"]), ((120, 120), [])])
+def test_overlays_sit_near_the_edges_so_a_letter_in_the_middle_is_not_one(corner, expected) -> None:
+    image = _background(4)
+    _burn(image, "L", *corner, 18, 250.0)
+    assert [kind for kind, _ in _found(image)] == expected
+
+
+def test_tiny_saturated_symbol_in_a_corner_is_text() -> None:
+    # The tiny burned-in glyphs in the bottom-right corner of real PA images: a few white pixels, wider than tall.
+    image = _background(5)
+    image[240:246, 236:244] = 255.0
+    image[242:244, 238:240] = 60.0
+    image[246, 236:244] = 20.0
+    assert _found(image) == [("text", (236, 240, 244, 246))]
+
+
+def test_white_text_with_a_drop_shadow_on_a_bright_background_is_one_line_of_text() -> None:
+    # On a bright, noisy background the top-hat barely sees white ink; the plateau at the image's brightest
+    # value does (this case is missed without it).
+    rng = np.random.default_rng(6)
+    image = 210.0 + rng.normal(0.0, 8.0, (256, 256)).astype(np.float32)
+    ink = np.zeros(image.shape, np.float32)
+    _burn(ink, "liegend", 60, 225, 12, 1.0)
+    shadow = np.roll(ink, (1, 1), axis=(0, 1))
+    image = image * (1.0 - shadow) + 40.0 * shadow
+    image = image * (1.0 - ink) + 255.0 * ink
+    found = _found(image)
+    assert [kind for kind, _ in found] == ["text"]
+    assert match_boxes([(60, 225, 115, 241)], [found[0][1]], min_iou=0.6) == 1
+
+
+def test_bright_sharp_lines_near_a_corner_are_not_text() -> None:
+    # Sharp and bright like ink, but each is one long thin stroke, not a row of glyphs.
+    image = _background(7)
+    for k in range(5):
+        cv2.line(image, (0, 10 + 9 * k), (60, 40 + 7 * k), 200.0, 2, cv2.LINE_AA)
+    assert _found(image) == []
+
+
+@pytest.mark.parametrize(("wires", "expected"), [(False, ["marker"]), (True, [])])
+def test_a_letter_shape_crowded_by_wires_is_not_a_marker(wires: bool, expected: list[str]) -> None:
+    # A bright, sharp letter-like shape near a corner, not on the image's brightest plateau (a metal clip, say):
+    # alone it is a marker, with a bundle of wires beside it it is a device.
+    image = _background(9)
+    image[128, 128] = 255.0  # something brighter elsewhere, so the shape's ink is not at the image's maximum
+    _burn(image, "J", 20, 30, 18, 200.0)
+    if wires:
+        for x in (36, 38, 40, 42):
+            cv2.line(image, (x, 0), (x, 100), 190.0, 1, cv2.LINE_AA)
+    assert [kind for kind, _ in _found(image)] == expected
+
+
+def test_saturated_letter_joined_to_a_bright_strip_is_still_a_marker() -> None:
+    # A letter burned in next to a thin bright strip joins it through a bridge of antialiased pixels into one
+    # component too large for a glyph; the letter is split off (and is also on the brightest plateau).
+    image = _background(8)
+    image[:, 230:234] = 200.0
+    _burn(image, "L", 214, 60, 16, 255.0)
+    image[60:78, 227:230] = 150.0
+    found = _found(image)
+    assert [kind for kind, _ in found] == ["marker"]
+    assert match_boxes([(215, 61, 227, 77)], [found[0][1]], min_iou=0.7) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real radiographs (shared/data/cxr-real, attribution in its README). The thresholds were tuned on the images at
+# even positions of the sorted labelled paths; the single cases below come from that half.
+
+REAL_CASES = [
+    "hannover-mhh-covid19/png/3248cc61.png",  # L in a grey box whose fill is a ramp
+    "hannover-mhh-covid19/png/d6494b39.png",  # R in a grey box cut by the left edge
+    "hannover-mhh-covid19/png/88859dc1.png",  # white L (255) a few pixels from a bright strip
+    "hannover-mhh-covid19/png/61bc50d1.png",  # round lead marker, and "liegend" with a drop shadow
+    "hannover-mhh-covid19/png/c0f74558.png",  # white L, and "pa"
+    "hannover-mhh-covid19/png/27f5a41d.png",  # tiny burned-in glyph above a brighter body
+    "kermany-pediatric-cxr-224px/PNEUMONIA/person46_virus_96.jpeg",  # R, time stamp and text cut by the edges
+    "kermany-pediatric-cxr-224px/NORMAL/IM-0033-0001.jpeg",  # R cut by the top edge
+    "kermany-pediatric-cxr-224px/NORMAL/NORMAL2-IM-0096-0001.jpeg",  # nothing
+]
+
+
+def _real_truth() -> dict[str, dict[str, list[tuple[int, int, int, int]]]]:
+    truth: dict[str, dict[str, list]] = {}
+    with (CXR_REAL / "regions.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            boxes = truth.setdefault(row["path"], defaultdict(list))
+            if row["kind"] in KINDS:
+                boxes[row["kind"]].append(tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")))
+    return truth
+
+
+@pytest.mark.skipif(not (CXR_REAL / "regions.csv").is_file(), reason="shared/data/cxr-real is not available")
+@pytest.mark.parametrize("path", REAL_CASES, ids=[Path(p).stem for p in REAL_CASES])
+def test_real_radiographs(path: str) -> None:
+    truth = _real_truth()[path]
+    found = TextDetector().detect(cv2.imread(str(CXR_REAL / path), cv2.IMREAD_GRAYSCALE))
+    for kind in KINDS:
+        mine = [(d.x0, d.y0, d.x1, d.y1) for d in found if d.kind == kind]
+        assert len(mine) == len(truth[kind]), (kind, mine, truth[kind])
+        assert match_boxes(truth[kind], mine, min_iou=0.5) == len(truth[kind]), (kind, mine, truth[kind])
+
+
+@pytest.mark.skipif(not (CXR_REAL / "regions.csv").is_file(), reason="shared/data/cxr-real is not available")
+def test_recall_and_precision_on_all_of_cxr_real_do_not_regress() -> None:
+    # A guard, not the tuning target: measured 0.92 / 0.89 (markers) and 0.83 / 0.74 (text) on all 200 images
+    # when this was written (the tuning half 0.90 / 0.88 and 0.85 / 0.89, the held-out half 0.94 / 0.89 and
+    # 0.81 / 0.65).
+    detector = TextDetector()
+    matched, n_truth, n_found = defaultdict(int), defaultdict(int), defaultdict(int)
+    for path, boxes in _real_truth().items():
+        found = detector.detect(cv2.imread(str(CXR_REAL / path), cv2.IMREAD_GRAYSCALE))
+        for kind in KINDS:
+            mine = [(d.x0, d.y0, d.x1, d.y1) for d in found if d.kind == kind]
+            matched[kind] += match_boxes(boxes[kind], mine, min_iou=0.3)
+            n_truth[kind] += len(boxes[kind])
+            n_found[kind] += len(mine)
+    scores = {kind: (matched[kind] / n_truth[kind], matched[kind] / max(n_found[kind], 1)) for kind in KINDS}
+    print(", ".join(f"{k} recall {r:.3f} precision {p:.3f}" for k, (r, p) in scores.items()))
+    assert scores["marker"][0] >= 0.88 and scores["marker"][1] >= 0.85, scores
+    assert scores["text"][0] >= 0.78 and scores["text"][1] >= 0.68, scores
