@@ -11,6 +11,7 @@ model's reasons, and its findings should not drive a verdict alone.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,19 +38,22 @@ class SanityResult:
 
 
 def top_modules(model: nn.Module, layer: TargetLayer | None) -> list[str]:
-    """Leaf modules with parameters from the target layer on (or the last quarter of them without a layer)."""
+    """The top of the network: leaf modules with parameters from the target layer on (or the last quarter without
+    a layer), at most a third of the network's parameterised layers, so that a target layer that is the whole
+    backbone (the probe's ``features``) does not turn the check into "a freshly initialised network"."""
     leaves = [
         name
         for name, m in model.named_modules()
         if name and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
     ]
+    top = leaves[-max(1, len(leaves) // 4) :]
     if layer is not None:
         start = next(
             (i for i, name in enumerate(leaves) if name == layer.name or name.startswith(layer.name + ".")), None
         )
         if start is not None:
-            return leaves[start:]
-    return leaves[-max(1, len(leaves) // 4) :]
+            top = leaves[start:]
+    return top[-max(1, math.ceil(len(leaves) / 3)) :]
 
 
 def randomised_copy(model: nn.Module, names: Sequence[str], seed: int = 0) -> nn.Module:
