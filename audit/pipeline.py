@@ -234,8 +234,8 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
     detectors = {name: DETECTORS.get(name)() for name in config.regions.detectors}
     cache = RegionCache(config.regions.cache_dir or default_cache_dir()) if config.regions.cache else None
     cached: dict[str, dict[str, list[Detection]]] = {name: {} for name in detectors}
-    if cache is not None:
-        hashes = _shard_hashes(p, shard)
+    if cache is not None and any(cache.has_entries(name, d.version) for name, d in detectors.items()):
+        hashes = _shard_hashes(p, shard)  # read once more only when there is something to look up
         cached = {name: cache.lookup(name, d.version, hashes) for name, d in detectors.items()}
     fresh: dict[str, dict[str, list[Detection]]] = {name: {} for name in detectors}
     seen: set[str] = set()
@@ -366,31 +366,32 @@ def detect_watermarks(p: Plan) -> dict:
     if not config.regions.watermark:
         return {"regions": []}
     stats = WatermarkStatistics(grid=p.spec.size, seed=config.findings.seed)
+    # Pass 1 keeps each shard's small metadata, so pass 2 reads every work file only once more (for the pixels).
+    shard_meta = []
     for shard in p.shards:
         work = _load_work(config.out, shard.index)
+        labels = np.array([p.labels.index(str(v)) for v in work["label"]], dtype=int)
+        sizes = list(zip(work["width"].astype(int), work["height"].astype(int), strict=True))
+        shard_meta.append((shard, work["image_id"], work["path"], sizes, labels))
         if len(work["inputs"]):
-            stats.add(_gray_grid(work["inputs"]), np.array([p.labels.index(str(v)) for v in work["label"]]))
+            stats.add(_gray_grid(work["inputs"]), labels)
     model = stats.finish()
     found = []
     if model.regions:
         matches = [model.match(_gray_grid(_load_work(config.out, s.index)["inputs"])) for s in p.shards]
         fits = model.assign(WatermarkMatches.concatenate(matches).scores)
         start = 0
-        for shard, shard_matches in zip(p.shards, matches, strict=True):
-            work = _load_work(config.out, shard.index)
-            n = len(work["inputs"])
-            sizes = list(zip(work["width"].astype(int), work["height"].astype(int), strict=True))
+        for (shard, image_ids, paths, sizes, _), shard_matches in zip(shard_meta, matches, strict=True):
+            n = len(sizes)
             detections = model.detections(shard_matches, slice_fits(fits, slice(start, start + n)), sizes)
             start += n
             rows = [
                 _region_row(str(image_id), str(path), d)
-                for image_id, path, found_here in zip(work["image_id"], work["path"], detections, strict=True)
+                for image_id, path, found_here in zip(image_ids, paths, detections, strict=True)
                 for d in found_here
             ]
             write_part(config.out, "regions", rows_to_table("regions", rows), f"watermark-{shard.index:05d}")
-        labels = np.concatenate(
-            [[p.labels.index(str(v)) for v in _load_work(config.out, s.index)["label"]] for s in p.shards]
-        ).astype(int)
+        labels = np.concatenate([meta[4] for meta in shard_meta]).astype(int)
         for region, fit in zip(model.regions, fits, strict=True):
             found.append(
                 {

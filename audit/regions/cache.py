@@ -56,10 +56,17 @@ class RegionCache:
         safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in version)
         return self.directory / detector / safe
 
+    def _parts(self, detector: str, version: str) -> list[Path]:
+        folder = self._folder(detector, version)
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def has_entries(self, detector: str, version: str) -> bool:
+        """Whether this detector version has cached anything at all (a first audit skips the lookup)."""
+        return bool(self._parts(detector, version))
+
     def lookup(self, detector: str, version: str, image_ids: Sequence[str]) -> dict[str, list[Detection]]:
         """The cached detections of those ``image_ids`` that this detector version has already processed."""
-        folder = self._folder(detector, version)
-        parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        parts = self._parts(detector, version)
         if not parts or not image_ids:
             return {}
         wanted = pa.array(sorted(set(image_ids)), pa.string())
