@@ -6,7 +6,7 @@ median over rounds, since these shared machines are noisy. The reference librari
 (their documented usage, parameters left trainable as a user's model is). Writes ``reports/bench/saliency.json``
 and prints a table. Usage::
 
-    python -m benchmarks.saliency [--model resnet50] [--size 224] [--batch 16] [--rounds 3] [--quick]
+    python -m benchmarks.saliency [--model resnet50] [--size 224] [--batch 16] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def interleaved(
             "ratio": statistics.median(ratios),
             "ratio_range": [min(ratios), max(ratios)],
             "rounds": rounds,
+            "times": values,
         }
     return out
 
@@ -144,10 +145,10 @@ def main_table(args: argparse.Namespace, device: torch.device) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = interleaved(contestants, "forward only (inference_mode)", args.rounds, device)
-    floor = rows["floor: forward + backward to the input"]["seconds"]
+    floor = rows["floor: forward + backward to the input"]
     for row in rows.values():
         row["img_per_s"] = args.batch / row["seconds"]
-        row["ratio_to_floor"] = floor / row["seconds"]
+        row["ratio_to_floor"] = paired(floor, row)
     return rows
 
 
@@ -186,12 +187,13 @@ def expanded_table(args: argparse.Namespace, device: torch.device) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = interleaved(contestants, "floor: forward + backward to the input", max(1, args.rounds - 1), device)
-    per_sample = rows["floor: forward + backward to the input"]["seconds"] / 16
+    floor = rows["floor: forward + backward to the input"]
     for name, row in rows.items():
         n = steps if "steps" in name else samples if "samples" in name else 0
         images = batch if n else 16
         row["img_per_s"] = images / row["seconds"]
-        row["ratio_to_floor"] = (n or 1) * images * per_sample / row["seconds"]
+        # n · images samples against the floor's 16, paired round by round.
+        row["ratio_to_floor"] = (n or 1) * images / 16 * paired(floor, row)
         row["batch"] = images
     return rows
 
@@ -417,7 +419,7 @@ def main() -> int:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scorecam-budget", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="skip full Score-CAM and the memory table")
     parser.add_argument("--out", type=Path, default=Path("reports/bench/saliency.json"))

@@ -21,6 +21,7 @@ Results agree with Captum 0.9.0 after per-map normalisation (tests/saliency/test
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -29,7 +30,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from audit.errors import ConfigError
@@ -162,16 +162,54 @@ class GradientXInput(InputAttributionMethod):
 ReluRule = Literal["guided", "deconvnet"]
 
 
-def _guided_hook(_module: nn.Module, grad_input: tuple, _grad_output: tuple) -> tuple:
-    # Guided Backprop (Springenberg et al. 2015, Fig. 1): the ReLU's own gradient (masked by the forward
-    # activation) is rectified again, so only positive signals pass: R_l = 1[z > 0] · 1[R_{l+1} > 0] · R_{l+1}.
-    return tuple(None if g is None else F.relu(g) for g in grad_input)
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward pass is Guided Backprop's (Springenberg et al. 2015, Fig. 1): the ReLU's own gradient
+    (masked by the forward activation) is rectified again, so only positive signals pass:
+    R_l = 1[z > 0] · 1[R_{l+1} > 0] · R_{l+1}."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+        if inplace:  # as the module would: the model's memory use and aliasing stay as they were
+            out = x.clamp_min_(0)
+            ctx.mark_dirty(x)
+        else:
+            out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        # threshold_backward is ReLU's own backward kernel (grad where out > 0, else 0), fed the rectified signal.
+        return torch.ops.aten.threshold_backward(grad.clamp_min(0), out, 0), None
 
 
-def _deconvnet_hook(_module: nn.Module, grad_input: tuple, grad_output: tuple) -> tuple:
-    # DeconvNet (Zeiler & Fergus 2014, Sec. 2.1, "rectification"): the signal going down is rectified, and the
-    # forward activation's mask is ignored: R_l = 1[R_{l+1} > 0] · R_{l+1}.
-    return tuple(None if gi is None else F.relu(go) for gi, go in zip(grad_input, grad_output, strict=True))
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU whose backward pass is DeconvNet's (Zeiler & Fergus 2014, Sec. 2.1, "rectification"): the signal going
+    down is rectified and the forward activation's mask is ignored: R_l = 1[R_{l+1} > 0] · R_{l+1}. Nothing is
+    saved for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+        if inplace:
+            out = x.clamp_min_(0)
+            ctx.mark_dirty(x)
+            return out
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad.clamp_min(0), None
+
+
+_RULES: dict[str, type[torch.autograd.Function]] = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
+
+
+def _rule_forward(rule: type[torch.autograd.Function]):  # noqa: ANN202 - a bound-method factory
+    def forward(self: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
+        return rule.apply(x, self.inplace)
+
+    return forward
 
 
 @contextmanager
@@ -179,30 +217,30 @@ def modified_relu_backward(model: nn.Module, rule: ReluRule) -> Iterator[int]:
     """Replace the backward pass of every ``nn.ReLU`` module of ``model`` by Guided Backprop's or DeconvNet's rule.
 
     Only ReLU *modules* are modified: a functional ``F.relu`` / ``torch.relu`` in a ``forward`` keeps its plain
-    gradient (as in Captum). The rule is installed with full backward hooks, which are called once per call of the
-    module (torchvision's BasicBlock calls its ``relu`` twice). In-place ReLUs cannot carry full backward hooks
-    (the hook wraps the output in a view that the in-place op would overwrite; captum PR #837), so ``inplace`` is
-    set to False while the context is open. A model that modifies a ReLU's *output* in place (``relu(x).add_(y)``)
-    cannot be explained this way and raises in the forward pass. Hooks and ``inplace`` flags are restored on exit,
-    even after an error.
+    gradient (as in Captum). Each module's ``forward`` is shadowed, while the context is open, by a custom autograd
+    function whose forward is the ReLU (in place when the module is) and whose backward applies the rule. Unlike
+    full backward hooks (Captum's and our first version's way), this adds no identity views around every module and
+    costs what a plain ReLU costs: measured 1.04× vs 0.88× of the forward + input-backward floor on ResNet-50
+    (benchmarks/saliency.py). Every call of a module is modified (torchvision's BasicBlock calls its ``relu``
+    twice). The shadowing is removed on exit, even after an error.
 
     Yields:
         the number of ReLU modules modified.
     """
-    hook = _guided_hook if rule == "guided" else _deconvnet_hook
+    forward = _rule_forward(_RULES[rule])
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    inplace = [m.inplace for m in relus]
-    handles = []
+    # A module that already shadows its forward (rare: a user's patch) gets that attribute back on exit.
+    shadowed = {id(m): m.__dict__["forward"] for m in relus if "forward" in m.__dict__}
     try:
         for module in relus:
-            module.inplace = False
-            handles.append(module.register_full_backward_hook(hook))
+            module.forward = types.MethodType(forward, module)
         yield len(relus)
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in zip(relus, inplace, strict=True):
-            module.inplace = flag
+        for module in relus:
+            if id(module) in shadowed:
+                module.forward = shadowed[id(module)]
+            else:
+                module.__dict__.pop("forward", None)
 
 
 class _ModifiedReluMethod(InputAttributionMethod):

@@ -224,7 +224,7 @@ def test_modified_relu_matches_a_reference_autograd_function(name: str, rule: st
     assert not torch.allclose(ours, plain, atol=1e-4)
 
 
-def test_hooks_and_inplace_flags_are_restored_even_after_an_error() -> None:
+def test_relu_forwards_and_inplace_flags_are_restored_even_after_an_error() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
     ).eval()
@@ -232,8 +232,10 @@ def test_hooks_and_inplace_flags_are_restored_even_after_an_error() -> None:
     relus = [model[1], model[3]]
     with modified_relu_backward(model, "guided") as count:
         assert count == 2
-        assert all(not m.inplace and len(m._backward_hooks) == 1 for m in relus)
+        assert all("forward" in m.__dict__ for m in relus)
+        assert [m.inplace for m in relus] == [True, False]  # in-place ReLUs stay in place
     assert [m.inplace for m in relus] == [True, False]
+    assert all("forward" not in m.__dict__ for m in relus)
     with pytest.raises(KeyError), modified_relu_backward(model, "deconvnet"):
         raise KeyError("boom")
     assert [m.inplace for m in relus] == [True, False]
@@ -242,6 +244,35 @@ def test_hooks_and_inplace_flags_are_restored_even_after_an_error() -> None:
             create_method(name, model, "2").attribute(_inputs(batch=2), torch.tensor([0, 7]))
         assert [m.inplace for m in relus] == [True, False]
         assert all(not m._backward_hooks and not m._forward_hooks for m in model.modules())
+        assert all("forward" not in m.__dict__ for m in relus)
+
+
+def test_a_user_patched_relu_forward_is_given_back() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    model(_inputs(batch=1))
+    calls = []
+
+    def patched(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.relu(x)
+
+    model[1].forward = patched
+    with modified_relu_backward(model, "guided"):
+        model(_inputs(batch=1))
+    assert calls == []  # the rule's forward ran, not the user's
+    assert model[1].forward is patched
+
+
+def test_inplace_and_out_of_place_relus_give_the_same_guided_maps() -> None:
+    torch.manual_seed(0)
+    inplace = TwoLayerCNN(nn.ReLU(inplace=True)).eval()
+    plain = TwoLayerCNN(nn.ReLU()).eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = _inputs()
+    for name in ("guided_backprop", "deconvnet"):
+        a, _, _ = create_method(name, inplace).input_attribution(x, torch.tensor([0, 1, 2]))
+        b, _, _ = create_method(name, plain).input_attribution(x, torch.tensor([0, 1, 2]))
+        torch.testing.assert_close(a, b)
 
 
 def test_functional_relu_is_not_modified_and_a_warning_says_so() -> None:
