@@ -87,15 +87,50 @@ class FindingConfig(_Strict):
     enrichment_bar: float = Field(
         2.0, gt=1.0, description="lower 95% bound of enrichment above this counts as attention"
     )
-    watch_bar: float = Field(1.5, gt=1.0, description="lower bound above this, without leakage, is 'watch'")
-    leakage_bar: float = Field(
-        0.2, ge=0.0, le=1.0, description="presence-rate difference (class vs rest) that counts as label leakage"
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="level of the Wilcoxon test of mass > area, Holm-corrected over all findings"
     )
+    dependence_bar: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="lower 95% bound of (share of predictions flipped by removing the region − share flipped by "
+        "removing the control) above this counts as dependence",
+    )
+    leakage_auc_bar: float = Field(
+        0.6,
+        gt=0.5,
+        le=1.0,
+        description="cross-validated AUC of the region alone predicting the class that counts as "
+        "leakage (with its 95% interval above 0.5)",
+    )
+    leakage_folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the leakage test")
     min_images: int = Field(
         5, ge=1, description="fewer images carrying the region than this give no verdict above 'none'"
     )
     bootstrap: int = Field(1000, ge=100, le=100_000)
     seed: int = 0
+
+
+class CounterfactualConfig(_Strict):
+    """Removing each region, and an equal-area control region elsewhere, and re-running the model."""
+
+    enabled: bool = True
+    fills: tuple[Literal["inpaint", "mean"], ...] = Field(
+        ("inpaint", "mean"), min_length=1, description="how removed pixels are filled; the first decides dependence"
+    )
+    max_batch: int = Field(64, ge=1, le=4096, description="counterfactual images per forward pass")
+
+
+class DiscoveryConfig(_Strict):
+    """SpRAy: spectral clustering of each class's saliency maps, to find shortcuts nobody named."""
+
+    enabled: bool = True
+    max_images: int = Field(2000, ge=10, description="maps clustered per class (a seeded sample beyond this)")
+    max_clusters: int = Field(8, ge=2, le=32)
+    neighbours: int = Field(10, ge=2, le=100, description="k of the k-nearest-neighbour affinity")
+    grid: int = Field(16, ge=4, le=64, description="side the maps are resized to before clustering")
+    min_cluster: int = Field(5, ge=2, description="smaller clusters are not reported")
 
 
 class AuditConfig(_Strict):
@@ -111,6 +146,8 @@ class AuditConfig(_Strict):
     saliency: SaliencyConfig = SaliencyConfig()
     regions: RegionConfig = RegionConfig()
     findings: FindingConfig = FindingConfig()
+    counterfactual: CounterfactualConfig = CounterfactualConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     fail_on: Verdict | None = None
     shard_size: int = Field(256, ge=1, description="images per shard: the unit of parallel work and of atomic output")
     batch_size: int = Field(32, ge=1, le=4096, description="images per saliency batch on the device")

@@ -36,7 +36,16 @@ from audit.data.decode import content_hash, decode_image
 from audit.data.manifest import Manifest, ManifestEntry, build_manifest, safe_join
 from audit.device import resolve_device
 from audit.errors import AuditError, ConfigError, DataError
-from audit.evidence.findings import AttributionColumns, compute_findings, gate_failed, overall_verdict
+from audit.evidence.collect import dependence_by_key, discovered_clusters, leakage_by_key, leakage_rows
+from audit.evidence.counterfactual import CounterfactualBatch, counterfactual_batch
+from audit.evidence.findings import (
+    AttributionColumns,
+    accuracy_above_chance,
+    cap_at_watch,
+    compute_findings,
+    gate_failed,
+    overall_verdict,
+)
 from audit.metrics.regions import boxes_to_masks, downsample_maps, region_metrics
 from audit.models.layers import TargetLayer, describe_layer, find_target_layer
 from audit.models.loading import load_user_model
@@ -49,6 +58,7 @@ from audit.regions.user import UserRegions, load_user_regions
 from audit.saliency import SaliencyOptions, build_methods, explain, validate_methods
 from audit.store.catalog import build_catalog
 from audit.store.parquet import read_table, rows_to_table, write_part
+from audit.store.schemas import TABLES
 
 log = logging.getLogger("audit.pipeline")
 
@@ -611,6 +621,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
         )
     }
     map_cols: dict[str, list] = {k: [] for k in ("image_id", "method", "map_u8", "map_size", "map_scale", "raw_sum")}
+    counterfactual_cols: dict[str, list] = {name: [] for name in TABLES["counterfactuals"].names}
     options = SaliencyOptions(**config.saliency.model_dump())
     methods = [build_methods(config.methods, model, ref.target_layer, options) for model in models]
     inputs_all = torch.from_numpy(work["inputs"])
@@ -634,6 +645,23 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
             masks = boxes_to_masks(boxes_all[index].to(device), kinds_all[index].to(device), num_kinds, size, size)
             masks = _with_user_masks(masks, torch.from_numpy(work["masks"][index]).to(device), p)
             results = explain(methods[k], xs, target)
+            if config.counterfactual.enabled and num_kinds:
+                # Dependence: the first method's targets and clean logits; the removed and control images of the
+                # batch go through the same fold model.
+                first = results[config.methods[0]]
+                batch = counterfactual_batch(
+                    models[k],
+                    x_u8[local.to(device)],
+                    ref.spec.normalise,
+                    masks,
+                    first.targets,
+                    first.logits,
+                    fills=config.counterfactual.fills,
+                    seed=config.findings.seed,
+                    max_batch=config.counterfactual.max_batch,
+                )
+                _append_counterfactuals(counterfactual_cols, batch, [image_ids[i] for i in index], p.region_kinds)
+                _append_counterfactual_targets(counterfactual_cols, batch, first.targets)
             for name, result in results.items():
                 if name == config.methods[0]:
                     probs = torch.softmax(result.logits.float(), dim=1)
@@ -688,10 +716,28 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     write_part(out, "images", rows_to_table("images", images), key)
     write_part(out, "attributions", rows_to_table("attributions", attribution_cols), key)
     write_part(out, "maps", rows_to_table("maps", map_cols), key)
+    write_part(out, "counterfactuals", rows_to_table("counterfactuals", counterfactual_cols), key)
     _write_mean_images(out, key, work["inputs"], labels, len(p.labels))
     seconds = time.perf_counter() - start
     log.info("explain shard %d: %d images (%.1f img/s)", shard.index, n, n / max(seconds, 1e-9))
     return {"shard": shard.index, "images": n, "seconds": seconds}
+
+
+def _append_counterfactuals(
+    columns: dict[str, list], batch: CounterfactualBatch, image_ids: Sequence[str], kinds: Sequence[str]
+) -> None:
+    """Add one batch's counterfactual rows (image, kind, fill) to the shard's columns."""
+    columns["image_id"] += [image_ids[i] for i in batch.image_index]
+    columns["region_kind"] += [kinds[k] for k in batch.kind_index]
+    columns["fill"] += [str(f) for f in batch.fill]
+    for name in ("area_fraction", "prob_clean", "prob_removed", "prob_control"):
+        columns[name] += np.asarray(batch.__dict__[name], dtype=np.float64).tolist()
+    for name in ("flip_removed", "flip_control", "control_found"):
+        columns[name] += np.asarray(batch.__dict__[name], dtype=bool).tolist()
+
+
+def _append_counterfactual_targets(columns: dict[str, list], batch: CounterfactualBatch, targets: torch.Tensor) -> None:
+    columns["target"] += targets.cpu().numpy()[batch.image_index].astype(int).tolist()
 
 
 def _with_user_masks(masks: torch.Tensor, file_masks: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -752,8 +798,10 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
     attributions = read_table(out, "attributions")
     errors = read_table(out, "errors")
     label_of = dict(zip(images.column("image_id").to_pylist(), images.column("label").to_pylist(), strict=True))
+    group_of = dict(zip(images.column("image_id").to_pylist(), images.column("group").to_pylist(), strict=True))
+    attribution_ids = attributions.column("image_id").to_pylist()
     columns = AttributionColumns(
-        label=np.array([label_of[i] for i in attributions.column("image_id").to_pylist()], dtype=object),
+        label=np.array([label_of[i] for i in attribution_ids], dtype=object),
         method=np.array(attributions.column("method").to_pylist(), dtype=object),
         region_kind=np.array(attributions.column("region_kind").to_pylist(), dtype=object),
         present=attributions.column("present").to_numpy(zero_copy_only=False).astype(bool),
@@ -761,9 +809,37 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         area=attributions.column("area_fraction").to_numpy(zero_copy_only=False).astype(np.float64),
         hit=attributions.column("pointing_hit").to_numpy(zero_copy_only=False).astype(np.float64),
         rank=attributions.column("rank_accuracy").to_numpy(zero_copy_only=False).astype(np.float64),
+        group=np.array([group_of[i] for i in attribution_ids], dtype=object),
     )
-    findings = compute_findings(columns, config.findings)
+    regions = read_table(out, "regions")
     sanity = read_table(out, "sanity").to_pylist()
+    dependence = dependence_by_key(
+        read_table(out, "counterfactuals"),
+        images,
+        config.counterfactual.fills[0],
+        config.findings.bootstrap,
+        config.findings.seed,
+    )
+    leakage = leakage_rows(images, regions, p.region_kinds, p.labels, config)
+    write_part(out, "leakage", rows_to_table("leakage", leakage), "00000")
+    findings = compute_findings(
+        columns,
+        config.findings,
+        dependence=dependence,
+        leakage=leakage_by_key(leakage),
+        sanity={r["method"]: bool(r["passed"]) for r in sanity},
+    )
+    correct = images.column("correct").to_numpy(zero_copy_only=False).astype(bool)
+    above_chance, chance_sentence = accuracy_above_chance(
+        correct, images.column("label").to_numpy(zero_copy_only=False)
+    )
+    if not above_chance:
+        log.warning("the model is no better than chance (%s): shortcut verdicts are capped at watch", chance_sentence)
+        cap_at_watch(findings, chance_sentence)
+    clusters: list[dict] = []
+    if config.discovery.enabled:
+        _, clusters = discovered_clusters(read_table(out, "maps"), attributions, images, regions, p.labels, config)
+    write_part(out, "clusters", rows_to_table("clusters", clusters), "00000")
     write_part(out, "findings", rows_to_table("findings", findings), "00000")
     build_catalog(out)
 
@@ -776,6 +852,8 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "target_layer": ref.target_layer.name,
         "input_size": ref.spec.size,
         "heldout_accuracy" if ref.kind == "probe" else "accuracy": accuracy,
+        "above_chance": above_chance,
+        "accuracy_check": chance_sentence,
     }
     for r in read_table(out, "sanity").to_pylist():
         model_info[f"sanity check: {r['method']}"] = (
@@ -792,10 +870,12 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "classes": len(p.labels),
         "regions": read_table(out, "regions").num_rows,
         "findings": len(findings),
+        "clusters": len(clusters),
+        "suspicious_clusters": sum(c["suspicious"] for c in clusters),
         "by_verdict": {v: sum(f["verdict"] == v for f in findings) for v in ("none", "watch", "shortcut")},
     }
     summary = {
-        "schema_version": 1,
+        "schema_version": 2,
         "verdict": verdict,
         "gate": {"fail_on": config.fail_on, "failed": gate_failed(verdict, config.fail_on)} if config.fail_on else None,
         "findings": [_json_safe(f) for f in findings],
@@ -803,6 +883,8 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "model": model_info,
         "methods": list(config.methods),
         "sanity": [_json_safe(r) for r in sanity],
+        "leakage": [_json_safe(r) for r in leakage if r["group"] is None],
+        "clusters": [_json_safe({k: v for k, v in c.items() if k != "mean_map_u8"}) for c in clusters],
         "region_kinds": list(p.region_kinds),
         "labels": list(p.labels),
         "duration_seconds": round(time.time() - p.started, 1),

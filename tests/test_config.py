@@ -61,10 +61,10 @@ def test_yaml_file(tmp_path: Path, suffix: str) -> None:
 def test_dotted_overrides_beat_the_file(tmp_path: Path) -> None:
     file = tmp_path / "audit.toml"
     file.write_text('data = "images"\n[probe]\nepochs = 7\nwidth = 8\n')
-    config = build_config(file, **{"probe.epochs": 3, "findings.leakage_bar": 0.5, "data": "other"})
+    config = build_config(file, **{"probe.epochs": 3, "findings.leakage_auc_bar": 0.7, "data": "other"})
     assert config.probe.epochs == 3
     assert config.probe.width == 8  # sibling from the file kept
-    assert config.findings.leakage_bar == 0.5
+    assert config.findings.leakage_auc_bar == 0.7
     assert config.data == Path("other")
 
 

@@ -41,6 +41,10 @@ _CLEARANCE = 14.0  # minimum gap between the token and the marker, so the two ne
 _BAND_THICKNESS = (8, 24)  # padding band thickness
 _BAND_RATE = 0.25
 _BOX_RATE = 0.5
+# The hidden shortcut (``square=True``): a bright square, 8% of the side, right of and below the centre, over the
+# anatomy and away from the edges where the text and marker detectors look; (x0, y0, x1, y1) as image fractions.
+SQUARE_BOX = (0.62, 0.56, 0.70, 0.64)
+_SQUARE_LIFT = 70.0
 # Air is noisy and never below this value, so that only the padding band (exactly 0) is perfectly flat: real air
 # is never a constant, and the border detector must not confuse the two.
 _AIR_FLOOR = 4.0
@@ -175,9 +179,9 @@ def _anatomy(rng: np.random.Generator, size: int, opacity: bool) -> np.ndarray:
         lx, ly, lax, lay = lung_geometry[int(rng.integers(2))]
         angle, radius = rng.uniform(0, 2 * np.pi), 0.55 * np.sqrt(rng.uniform(0, 1))
         ox, oy = lx + radius * lax * np.cos(angle), ly + radius * lay * np.sin(angle)
-        sigma = rng.uniform(0.035, 0.055)
+        sigma = rng.uniform(0.05, 0.075)
         blob = np.exp(-((xx - ox) ** 2) / (2 * sigma**2)) * np.exp(-((yy - oy) ** 2) / (2 * sigma**2))
-        img += rng.uniform(18.0, 28.0) * blob * lungs
+        img += rng.uniform(35.0, 50.0) * blob * lungs
 
     # Vignetting, low-frequency mottle and pixel noise (air included, so that no natural region is flat).
     img *= 1.0 - 0.3 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
@@ -232,6 +236,7 @@ def render_demo_image(
     token: bool = False,
     marker: bool = True,
     border: bool = False,
+    square: bool = False,
 ) -> DemoImage:
     """Render one demo image with the overlays asked for.
 
@@ -245,6 +250,8 @@ def render_demo_image(
         token: burn in the word ``PORTABLE`` near an edge.
         marker: burn in an L/R laterality marker near a top corner.
         border: set a padding band along one random edge to exactly 0.
+        square: add the hidden shortcut, a small bright square at a fixed off-centre position
+            (:data:`SQUARE_BOX`), which no region detector looks for.
 
     Returns:
         The uint8 [size, size] image and its ground-truth regions (token first, then marker, then border).
@@ -321,6 +328,10 @@ def render_demo_image(
         _composite(img, ink, tx, ty, rng.uniform(220.0, 255.0))
         regions.append(DemoRegion("text", *candidate, note=f"{DEMO_TOKEN} token {side} edge"))
 
+    if square:
+        x0, y0, x1, y1 = (round(v * size) for v in SQUARE_BOX)
+        img[y0:y1, x0:x1] = np.minimum(255.0, img[y0:y1, x0:x1] + _SQUARE_LIFT)
+        regions.append(DemoRegion("square", x0, y0, x1, y1, note="hidden shortcut: bright square (no detector kind)"))
     if marker:
         regions.append(marker_region)
     if band is not None:
@@ -344,7 +355,9 @@ def _validate(n: int, shortcut_rate: float, size: int) -> None:
         raise ConfigError(f"demo size must be an integer >= 64 px, got {size!r}")
 
 
-def write_demo(out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 0, size: int = 256) -> DemoInfo:
+def write_demo(
+    out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 0, size: int = 256, square_rate: float = 0.0
+) -> DemoInfo:
     """Write the demo dataset: class subfolders of PNGs, a manifest, the ground truth and a JSON description.
 
     Images ``0 .. n//2 - 1`` are ``normal``, the rest ``opacity``; image ``i`` is ``out/<label>/<label>_<i:05d>.png``
@@ -356,6 +369,8 @@ def write_demo(out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 
         shortcut_rate: R in [0, 1]: the token is present with probability R in class 1 and 1 - R in class 0.
         seed: random seed.
         size: image side in pixels, >= 64.
+        square_rate: probability of the hidden shortcut (a bright square at a fixed off-centre position that no
+            detector knows) in class 1; never in class 0. 0 leaves the default dataset unchanged.
 
     Returns:
         The paths written and the counts.
@@ -364,6 +379,8 @@ def write_demo(out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 
         ConfigError: an argument is out of range.
     """
     _validate(n, shortcut_rate, size)
+    if not 0.0 <= float(square_rate) <= 1.0:
+        raise ConfigError(f"demo square_rate must be in [0, 1], got {square_rate!r}")
     out = Path(out)
     n_normal = n // 2
     for label in CLASS_NAMES:
@@ -379,7 +396,11 @@ def write_demo(out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 
         p_token = shortcut_rate if class_index == 1 else 1.0 - shortcut_rate
         has_token = bool(rng.random() < p_token)
         has_border = bool(rng.random() < _BAND_RATE)
-        demo = render_demo_image(rng, size, opacity=class_index == 1, token=has_token, border=has_border)
+        # From a stream of its own, so that every image is the one of the dataset without the square, plus the square.
+        has_square = class_index == 1 and bool(np.random.default_rng([seed, index, 1]).random() < square_rate)
+        demo = render_demo_image(
+            rng, size, opacity=class_index == 1, token=has_token, border=has_border, square=has_square
+        )
         rel = f"{label}/{label}_{index:05d}.png"
         if not cv2.imwrite(str(out / rel), demo.image):
             raise OSError(f"could not write {out / rel}")
@@ -406,13 +427,20 @@ def write_demo(out: Path, n: int = 600, shortcut_rate: float = 0.9, seed: int = 
         json.dumps(
             {
                 "generator": GENERATOR_VERSION,
-                "parameters": {"n": n, "shortcut_rate": float(shortcut_rate), "seed": seed, "size": size},
+                "parameters": {
+                    "n": n,
+                    "shortcut_rate": float(shortcut_rate),
+                    "seed": seed,
+                    "size": size,
+                    "square_rate": float(square_rate),
+                },
                 "token": DEMO_TOKEN,
                 "class_names": list(CLASS_NAMES),
                 "counts": counts,
                 "token_counts": token_counts,
                 "region_counts": {
-                    kind: sum(1 for row in truth_rows if row[1] == kind) for kind in ("text", "marker", "border")
+                    kind: sum(1 for row in truth_rows if row[1] == kind)
+                    for kind in ("text", "marker", "border", "square")
                 },
             },
             indent=2,

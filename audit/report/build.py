@@ -12,7 +12,7 @@ from audit.config import VERDICT_LEVELS
 from audit.data.decode import decode_image
 from audit.data.manifest import safe_join
 from audit.errors import AuditError
-from audit.report.content import ClassMap, GalleryItem, ReportContent
+from audit.report.content import ClassMap, ClusterMap, GalleryItem, ReportContent
 from audit.store.catalog import CATALOG_NAME
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
     con = duckdb.connect(str(out / CATALOG_NAME), read_only=True)
     try:
         class_maps = _class_maps(con, p)
+        clusters = _clusters(con, p)
         gallery = _gallery(con, p, summary["findings"])
         errors = [
             dict(zip(("path", "stage", "message"), row, strict=True))
@@ -49,6 +50,7 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         errors=errors,
         settings=settings,
         versions=summary["versions"],
+        clusters=tuple(clusters),
     )
 
 
@@ -92,6 +94,37 @@ def _class_maps(con: duckdb.DuckDBPyConnection, p: Plan) -> list[ClassMap]:
                     mean_image=means.get(label),
                 )
             )
+    return out
+
+
+def _clusters(con: duckdb.DuckDBPyConnection, p: Plan) -> list[ClusterMap]:
+    """The discovery step's clusters, suspicious first, then by size; example paths instead of hashes."""
+    means = _mean_images(p)
+    rows = con.execute(
+        """SELECT label, method, cluster, size, share, purity, peak_x, peak_y, concentration, suspicious, reason,
+                  mean_map_u8, map_size, examples
+           FROM clusters ORDER BY suspicious DESC, label, cluster"""
+    ).fetchall()
+    path_of = dict(con.execute("SELECT image_id, path FROM images").fetchall()) if rows else {}
+    out = []
+    for label, method, index, size, share, purity, px, py, concentration, suspicious, reason, u8, side, ex in rows:
+        out.append(
+            ClusterMap(
+                label=label,
+                method=method,
+                index=int(index),
+                size=int(size),
+                share=float(share),
+                purity=float(purity),
+                peak=(float(px), float(py)),
+                concentration=float(concentration),
+                suspicious=bool(suspicious),
+                reason=str(reason),
+                mean_saliency=np.array(u8, dtype=np.float32).reshape(side, side) / 255.0,
+                mean_image=means.get(label),
+                examples=[path_of.get(i, i) for i in (ex or [])],
+            )
+        )
     return out
 
 

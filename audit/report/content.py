@@ -87,6 +87,39 @@ class ClassMap:
 
 
 @dataclass(frozen=True, eq=False)
+class ClusterMap:
+    """One cluster of a class's saliency maps found by the discovery step (SpRAy).
+
+    Attributes:
+        label: the explained class whose maps were clustered.
+        method: saliency method's registry name.
+        index: cluster number within the class (0 = largest).
+        size: maps in the cluster; ``share`` of the class's clustered maps.
+        purity: share of the cluster's images whose true label is ``label``.
+        peak: (x, y) of the mean map's maximum, image fractions.
+        concentration: share of the mean map's mass in its top 5% pixels.
+        suspicious: concentrated attention away from the expected content; ``reason`` says why.
+        mean_saliency: float32 [g, g], the cluster's mean map.
+        mean_image: uint8 [h, w], the class's mean image, or None.
+        examples: paths of typical members.
+    """
+
+    label: str
+    method: str
+    index: int
+    size: int
+    share: float
+    purity: float
+    peak: tuple[float, float]
+    concentration: float
+    suspicious: bool
+    reason: str
+    mean_saliency: np.ndarray
+    mean_image: np.ndarray | None
+    examples: list[str]
+
+
+@dataclass(frozen=True, eq=False)
 class ReportContent:
     """Everything the HTML report shows.
 
@@ -103,6 +136,7 @@ class ReportContent:
         errors: rows ``{"path", "stage", "message"}`` (the report shows at most 100).
         settings: the run's configuration, flattened to str/number values.
         versions: package versions, python, device.
+        clusters: the discovery step's clusters, suspicious first.
     """
 
     title: str
@@ -116,6 +150,7 @@ class ReportContent:
     errors: list[dict[str, Any]]
     settings: dict[str, Any]
     versions: dict[str, Any]
+    clusters: tuple[ClusterMap, ...] = ()
 
     def __post_init__(self) -> None:
         check_verdict(self.verdict, "ReportContent.verdict")
@@ -169,11 +204,19 @@ def finding_sentence(row: dict[str, Any]) -> str:
     ci = format_ci(row.get("ci_low"), row.get("ci_high"))
     if ci != "—":
         details += f", 95% CI {ci}"
+    group = row.get("group")
+    where = f"class {row.get('label', '?')}" + (f" (group {group})" if group is not None else "")
     sentence = (
-        f"class {row.get('label', '?')}: {mass} of {row.get('method', '?')} attention on "
+        f"{where}: {mass} of {row.get('method', '?')} attention on "
         f"{row.get('region_kind', '?')} regions that cover {area} of the image ({details})"
     )
-    reason = row.get("reason")
-    if reason:
-        sentence += f"; {reason}"
+    flips, control = as_number(row.get("flip_rate")), as_number(row.get("flip_rate_control"))
+    if flips is not None and control is not None:
+        sentence += (
+            f"; removing them flips {format_percent(flips, 0)} of predictions vs {format_percent(control, 0)} "
+            "for equal-area controls"
+        )
+    auc = as_number(row.get("leakage_auc"))
+    if auc is not None:
+        sentence += f"; the region alone predicts the class with AUC {auc:.2f}"
     return sentence

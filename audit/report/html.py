@@ -21,6 +21,7 @@ from audit.report import figures
 from audit.report.content import (
     VERDICTS,
     ClassMap,
+    ClusterMap,
     GalleryItem,
     ReportContent,
     as_number,
@@ -98,11 +99,23 @@ def _finding_view(row: dict[str, Any]) -> dict[str, str]:
         "enrichment": format_number(row.get("enrichment"), digits=1),
         "ci": format_ci(row.get("ci_low"), row.get("ci_high")),
         "pointing_hit_rate": format_percent(row.get("pointing_hit_rate"), digits=0),
+        "flips": _pair(row.get("flip_rate"), row.get("flip_rate_control")),
+        "effect": format_ci(row.get("effect_difference_ci_low"), row.get("effect_difference_ci_high"), digits=2),
+        "leakage_auc": format_number(row.get("leakage_auc"), digits=2),
+        "evidence": " + ".join(k for k in ("attention", "dependence", "leakage") if row.get(k)) or "—",
+        "group": "all" if row.get("group") is None else str(row.get("group")),
         "presence_rate": format_percent(row.get("presence_rate"), digits=0),
         "presence_rate_other": format_percent(row.get("presence_rate_other"), digits=0),
         "verdict": row["verdict"],
         "reason": str(row.get("reason") or ""),
     }
+
+
+def _pair(value: object, control: object) -> str:
+    """``"62% vs 4%"`` for a rate and its control's; ``"—"`` when either is missing."""
+    if as_number(value) is None or as_number(control) is None:
+        return "—"
+    return f"{format_percent(value, 0)} vs {format_percent(control, 0)}"
 
 
 def _image_view(png: bytes, alt: str) -> dict[str, Any]:
@@ -131,6 +144,29 @@ def _class_map_view(class_map: ClassMap) -> dict[str, Any]:
         "n_images": format_number(class_map.n_images),
         "heatmap": heatmap,
         "image": image,
+    }
+
+
+def _cluster_view(cluster: ClusterMap) -> dict[str, Any]:
+    shape = figures.fit_shape(*figures.to_bgr(cluster.mean_image).shape[:2]) if cluster.mean_image is not None else None
+    heatmap = _image_view(
+        figures.heatmap_png(cluster.mean_saliency, shape),
+        f"Mean {cluster.method} saliency of cluster {cluster.index} of class {cluster.label} ({cluster.size} images), "
+        f"peak at x {cluster.peak[0]:.2f}, y {cluster.peak[1]:.2f} of the image",
+    )
+    return {
+        "label": cluster.label,
+        "method": cluster.method,
+        "index": cluster.index,
+        "size": format_number(cluster.size),
+        "share": format_percent(cluster.share, 0),
+        "purity": format_percent(cluster.purity, 0),
+        "peak": f"x {cluster.peak[0]:.2f}, y {cluster.peak[1]:.2f}",
+        "concentration": format_percent(cluster.concentration, 0),
+        "suspicious": cluster.suspicious,
+        "reason": cluster.reason,
+        "heatmap": heatmap,
+        "examples": list(cluster.examples),
     }
 
 
@@ -210,6 +246,7 @@ def render_report(content: ReportContent) -> str:
         "colourbar": _image_view(figures.colourbar_png(), "Colour scale: low attention (dark purple) to high (yellow)"),
         "box_colours": [{"kind": kind, "colour": colour} for kind, colour in figures.BOX_COLOURS.items()],
         "gallery": [_gallery_view(item) for item in content.gallery],
+        "clusters": [_cluster_view(cluster) for cluster in content.clusters],
         "errors": _errors_view(content),
         "max_errors": MAX_ERRORS_SHOWN,
         "settings": [(str(key), _plain(value)) for key, value in content.settings.items()],

@@ -73,12 +73,14 @@ MAPS = pa.schema(
 FINDINGS = pa.schema(
     [
         ("label", pa.string()),
+        ("group", pa.string()),  # the manifest's group/site; NULL = all images
         ("region_kind", pa.string()),
         ("method", pa.string()),
         ("n_images", pa.int32()),  # images of the class
         ("n_with_region", pa.int32()),  # ... that carry a region of this kind
         ("presence_rate", pa.float32()),  # n_with_region / n_images
         ("presence_rate_other", pa.float32()),  # the same rate in the other classes
+        # Attention (per method)
         ("mean_mass_fraction", pa.float32()),
         ("mean_area_fraction", pa.float32()),
         ("enrichment", pa.float32()),  # Σ mass / Σ area over images carrying the region
@@ -86,10 +88,96 @@ FINDINGS = pa.schema(
         ("ci_high", pa.float32()),
         ("pointing_hit_rate", pa.float32()),
         ("rank_accuracy", pa.float32()),
+        ("p_value", pa.float64()),  # one-sided Wilcoxon signed-rank, mass fraction > area fraction
+        ("p_adjusted", pa.float64()),  # Holm over all findings
+        ("sanity_passed", pa.bool_()),  # the method passed the randomisation check; NULL = not checked
+        # Dependence (counterfactual, first fill; the same for every method)
+        ("n_counterfactual", pa.float32()),
+        ("n_control", pa.float32()),
+        ("flip_rate", pa.float32()),  # share of predictions that change when the region is removed
+        ("flip_rate_control", pa.float32()),  # ... when the equal-area control is removed
+        ("effect", pa.float32()),  # mean drop of the explained class's probability
+        ("effect_ci_low", pa.float32()),
+        ("effect_ci_high", pa.float32()),
+        ("effect_control", pa.float32()),
+        ("effect_control_ci_low", pa.float32()),
+        ("effect_control_ci_high", pa.float32()),
+        ("effect_difference", pa.float32()),  # mean of (drop − control drop), paired
+        ("effect_difference_ci_low", pa.float32()),
+        ("effect_difference_ci_high", pa.float32()),
+        ("flip_difference", pa.float32()),  # flip rate − control flip rate, paired; decides dependence
+        ("flip_difference_ci_low", pa.float32()),
+        ("flip_difference_ci_high", pa.float32()),
+        # Leakage (no model)
+        ("leakage_auc", pa.float32()),  # cross-validated one-vs-rest AUC of the region's features for the class
+        ("leakage_auc_ci_low", pa.float32()),
+        ("leakage_auc_ci_high", pa.float32()),
+        ("leakage_balanced_accuracy", pa.float32()),
+        ("leakage_baseline", pa.float32()),  # the majority predictor's balanced accuracy
+        # Verdict
         ("attention", pa.bool_()),
+        ("dependence", pa.bool_()),
         ("leakage", pa.bool_()),
+        ("evidence", pa.int8()),  # how many of the three
         ("verdict", pa.string()),  # none | watch | shortcut
         ("reason", pa.string()),
+    ]
+)
+
+COUNTERFACTUALS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("region_kind", pa.string()),
+        ("fill", pa.string()),  # inpaint | mean
+        ("target", pa.int32()),  # the explained class
+        ("area_fraction", pa.float32()),  # removed area / image area
+        ("prob_clean", pa.float32()),  # probability of the target class on the image as is
+        ("prob_removed", pa.float32()),  # ... with the region removed
+        ("prob_control", pa.float32()),  # ... with the control region removed; NaN when no control fits
+        ("flip_removed", pa.bool_()),  # the prediction changed
+        ("flip_control", pa.bool_()),
+        ("control_found", pa.bool_()),
+    ]
+)
+
+LEAKAGE = pa.schema(
+    [
+        ("region_kind", pa.string()),
+        ("group", pa.string()),  # NULL = all images
+        ("label", pa.string()),
+        ("n_images", pa.int32()),
+        ("n_class", pa.int32()),
+        ("auc", pa.float32()),  # cross-validated one-vs-rest AUC of the region's features for the class
+        ("auc_ci_low", pa.float32()),
+        ("auc_ci_high", pa.float32()),
+        ("balanced_accuracy", pa.float32()),
+        ("baseline_balanced_accuracy", pa.float32()),
+        ("accuracy", pa.float32()),
+        ("baseline_accuracy", pa.float32()),
+        ("folds", pa.int32()),
+        ("leakage", pa.bool_()),
+        ("note", pa.string()),
+    ]
+)
+
+CLUSTERS = pa.schema(
+    [
+        ("method", pa.string()),
+        ("label", pa.string()),  # the explained class whose maps were clustered
+        ("cluster", pa.int32()),  # 0 = largest
+        ("size", pa.int32()),
+        ("share", pa.float32()),  # of the class's clustered maps
+        ("purity", pa.float32()),  # share whose true label is the class
+        ("peak_x", pa.float32()),  # the mean map's maximum, image fractions
+        ("peak_y", pa.float32()),
+        ("concentration", pa.float32()),  # mass in the top 5% pixels of the mean map
+        ("outside_expected", pa.float32()),  # mass outside the expected region; NaN without one
+        ("distinct", pa.float32()),  # 1 − cosine similarity to the class's mean map
+        ("suspicious", pa.bool_()),
+        ("reason", pa.string()),
+        ("mean_map_u8", pa.list_(pa.uint8())),  # [grid*grid] row-major, max 255
+        ("map_size", pa.int16()),
+        ("examples", pa.list_(pa.string())),  # image_ids of typical members
     ]
 )
 
@@ -117,6 +205,9 @@ TABLES: dict[str, pa.Schema] = {
     "attributions": ATTRIBUTIONS,
     "maps": MAPS,
     "findings": FINDINGS,
+    "counterfactuals": COUNTERFACTUALS,
+    "leakage": LEAKAGE,
+    "clusters": CLUSTERS,
     "sanity": SANITY,
     "errors": ERRORS,
 }

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from audit.data.demo import CLASS_NAMES, DEMO_TOKEN, render_demo_image, write_demo
+from audit.data.demo import CLASS_NAMES, DEMO_TOKEN, SQUARE_BOX, render_demo_image, write_demo
 from audit.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ def test_counts_per_class(demo_r90) -> None:
     assert meta["token"] == DEMO_TOKEN
     assert meta["class_names"] == ["normal", "opacity"]
     assert meta["counts"] == {"normal": 100, "opacity": 100}
-    assert meta["parameters"] == {"n": 200, "shortcut_rate": 0.9, "seed": 11, "size": 128}
+    assert meta["parameters"] == {"n": 200, "shortcut_rate": 0.9, "seed": 11, "size": 128, "square_rate": 0.0}
 
 
 @pytest.mark.parametrize("rate", [0.9, 0.5, 0.2])
@@ -136,3 +136,22 @@ def test_bad_arguments_raise_config_error(tmp_path: Path, kwargs: dict, expected
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         write_demo(tmp_path, **kwargs)
     assert not any(tmp_path.iterdir())  # validated before anything is written
+
+
+def test_hidden_square_only_in_class_one_and_the_default_dataset_is_unchanged(tmp_path: Path) -> None:
+    plain = write_demo(tmp_path / "plain", n=20, shortcut_rate=0.5, seed=2, size=64)
+    squared = write_demo(tmp_path / "square", n=20, shortcut_rate=0.5, seed=2, size=64, square_rate=1.0)
+    rows = list(csv.DictReader(squared.ground_truth.open()))
+    with_square = {r["path"] for r in rows if r["kind"] == "square"}
+    assert with_square == {r["path"] for r in rows if r["path"].startswith("opacity/")}
+    x0, y0, x1, y1 = (round(v * 64) for v in SQUARE_BOX)
+    sample = sorted(with_square)[0]
+    a = cv2.imread(str(plain.root / sample), cv2.IMREAD_GRAYSCALE).astype(int)
+    b = cv2.imread(str(squared.root / sample), cv2.IMREAD_GRAYSCALE).astype(int)
+    assert (b[y0:y1, x0:x1] >= a[y0:y1, x0:x1]).all() and (b[y0:y1, x0:x1] - a[y0:y1, x0:x1]).mean() > 40
+    # The rest of the image and every normal image are those of the dataset without the square.
+    outside = np.ones_like(a, bool)
+    outside[y0:y1, x0:x1] = False
+    assert (a[outside] == b[outside]).all()
+    normal = sorted(p for p in {r["path"] for r in rows} if p.startswith("normal/"))[0]
+    assert (cv2.imread(str(plain.root / normal)) == cv2.imread(str(squared.root / normal))).all()
