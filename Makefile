@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 DEMO_DATA := reports/demo-data
 DEMO_OUT := reports/demo
 
-.PHONY: all install audit test lint bench bench-quick eval-regions clean
+.PHONY: all install audit audit-cxr test lint bench bench-quick eval-regions clean
 
 all: test
 
@@ -46,6 +46,12 @@ bench-quick: $(STAMP)
 
 # Region detectors against the hand-drawn boxes of the real radiographs in ../shared/data/cxr-real.
 CXR_REAL ?= ../shared/data/cxr-real
+
+# A probe told to separate Hannover from Kermany radiographs (README, "Real radiographs"): does it use the markers?
+audit-cxr: $(STAMP)
+	$(BIN)/python -m audit.data.cxr_real $(CXR_REAL) reports/cxr-real/manifest.csv
+	$(BIN)/audit run --data $(CXR_REAL) --manifest reports/cxr-real/manifest.csv --out reports/cxr-real \
+		--probe-size 128 --probe-epochs 40 $(AUDIT_ARGS)
 eval-regions: $(STAMP)
 	$(BIN)/audit eval-regions --root $(CXR_REAL) --boxes $(CXR_REAL)/regions.csv --json reports/bench/regions.json $(EVAL_ARGS)
 

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=600, help="number of images (half per class)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=int, default=256, help="image side, px")
+    demo.add_argument(
+        "--square-rate",
+        type=float,
+        default=0.0,
+        help="P(hidden bright square | class 1): a shortcut no detector knows, for the discovery step (default 0)",
+    )
 
     evaluate = commands.add_parser("eval-regions", help="measure the region detectors against hand-drawn boxes")
     evaluate.add_argument("--root", type=Path, required=True, help="folder the CSV's paths are relative to")
@@ -121,7 +127,14 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from audit.data.demo import write_demo
 
-    info = write_demo(args.out, n=args.n, shortcut_rate=args.shortcut_rate, seed=args.seed, size=args.size)
+    info = write_demo(
+        args.out,
+        n=args.n,
+        shortcut_rate=args.shortcut_rate,
+        seed=args.seed,
+        size=args.size,
+        square_rate=args.square_rate,
+    )
     print(
         f"demo dataset: {info.n_images} images in {args.out} "
         f"(manifest {info.manifest}, ground truth {info.ground_truth})"

@@ -76,6 +76,12 @@ MIN_EVIDENCE = 0.5  # a glyph with less evidence is dropped before grouping
 MIN_STACKED = 0.05  # share of a text line's columns that must cross ink twice (see _stacked_strokes)
 CLUTTER_RANGE = (0.05, 0.15)  # share of bright pixels around a single letter: full score below, none above
 MIN_SCORE = 0.6  # a region with a lower score is not reported
+LINE_HEIGHT_RATIO = 1.8  # glyphs of one line, and lines of one block, differ in height by at most this factor
+BLOCK_GAP = 0.5  # x the shorter line's height: the largest vertical gap between two lines of one block
+BLOCK_OVERLAP = 0.5  # x the narrower line's width: the horizontal extent two lines of one block share
+# Ink height (box less its one-pixel rim) / short side below which a lone glyph is fine print, not a laterality
+# letter: on cxr-real the tiny burned-in glyphs are 0.009-0.013 of the short side, the smallest letters 0.021.
+TINY_GLYPH = 0.015
 
 # Flat boxes (step 1).
 FLAT_RANGE = 2  # grey levels: largest second difference inside a box (a flat fill, or a ramp across it)
@@ -312,6 +318,13 @@ def _measure(
     contrast = _quantile(patch[own], 0.9) - background
     if contrast < min_contrast:
         return None
+    # The glyph's box is that of its ink (at least half its contrast above the background) plus the one-pixel
+    # rim: a strong glyph's component can run on above the response threshold into a dimmer gradient next to it
+    # (a tiny symbol burned in just above the bright bottom edge), which is not ink.
+    ink_ys, ink_xs = np.nonzero(own & (patch > background + contrast / 2))
+    if ink_ys.size:
+        x0, x1 = max(x0, int(ink_xs.min()) + rx0 - 1), min(x1, int(ink_xs.max()) + rx0 + 2)
+        y0, y1 = max(y0, int(ink_ys.min()) + ry0 - 1), min(y1, int(ink_ys.max()) + ry0 + 2)
     # Sharpness: the steepest step at the glyph (box grown by one pixel) against its contrast. The 95th percentile,
     # not the maximum, so that one noisy pixel does not make a blurred edge sharp.
     steps = images.step[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1].ravel()
@@ -492,37 +505,45 @@ class TextDetector(Detector):
         images.bright = (response > WEAK_FRACTION * threshold).astype(np.uint8)
         n, labels, stats = _components(images.bright, 8)
         keep, too_big = _plausible(stats, h, w)
-        found = [(labels, stats, np.nonzero(keep)[0])]
         # A letter next to a bright structure (a collimator edge, the bright strip along a border) can join it
         # through a row of antialiased pixels. Split such components at rising thresholds until the pieces are
-        # glyph-sized.
-        for level in SPLIT_LEVELS:
-            if not too_big.any():
-                break
-            strong = (response > level * threshold).astype(np.uint8)
-            m, strong_labels, strong_stats = _components(strong, 8)
-            parent = np.zeros(m, np.int64)
-            inside = strong > 0
-            parent[strong_labels[inside]] = labels[inside]
-            keep_strong, too_big_strong = _plausible(strong_stats, h, w)
-            found.append((strong_labels, strong_stats, np.nonzero(keep_strong & too_big[parent])[0]))
-            labels, too_big = strong_labels, too_big_strong & too_big[parent]
-        glyphs = []
-        for split, (component_labels, component_stats, ids) in enumerate(found):
+        # glyph-sized; a piece split off that is not kept as a glyph (a tiny symbol still joined to a bright band
+        # along the edge) is split again at the next level.
+        glyphs: list[_Glyph] = []
+        ids, to_split = np.nonzero(keep)[0], too_big
+        for split, level in enumerate((0.0, *SPLIT_LEVELS)):
+            if split:
+                if not to_split.any():
+                    break
+                strong = (response > level * threshold).astype(np.uint8)
+                m, strong_labels, stats = _components(strong, 8)
+                parent = np.zeros(m, np.int64)
+                inside = strong > 0
+                parent[strong_labels[inside]] = labels[inside]
+                keep_strong, too_big_strong = _plausible(stats, h, w)
+                ids = np.nonzero(keep_strong & to_split[parent])[0]
+                labels, to_split = strong_labels, too_big_strong & to_split[parent]
             for i in ids[:MAX_COMPONENTS]:
-                bx, by, bw, bh = (int(v) for v in component_stats[i, :4])
+                bx, by, bw, bh = (int(v) for v in stats[i, :4])
                 bounds = (bx, by, bx + bw, by + bh)
-                glyph = _measure(images, response, component_labels, int(i), bounds, threshold, 0.8 * threshold)
+                glyph = _measure(images, response, labels, int(i), bounds, threshold, 0.8 * threshold)
                 # A piece split off a large structure is kept only when its ink is flat: bones, devices and
                 # collimator edges split into many sharp, bright pieces, but not into pieces of drawn ink.
                 if glyph is not None and (not split or glyph.flat >= FLAT_INK):
                     glyphs.append(glyph)
+                elif split:
+                    to_split[i] = True
         # A glyph on the brightest plateau is added where the top-hat found none, and replaces a top-hat glyph
         # around it that is much larger and mostly not on the plateau: that one has merged with something next
         # to it (a tiny symbol with the brighter body just below it).
-        for plateau in self._plateau_glyphs(images):
+        plateaus = self._plateau_glyphs(images)
+        for plateau in plateaus:
             around = [o for o in glyphs if _inside(plateau, _box(o))]
-            if all(_area(o) > 2 * _area(plateau) and o.flat < FLAT_INK for o in around):
+            if all(
+                (_area(o) > 2 * _area(plateau) and o.flat < FLAT_INK)
+                or (o.flat >= FLAT_INK and sum(_inside(q, _box(o)) for q in plateaus) == 1)
+                for o in around
+            ):
                 glyphs = [o for o in glyphs if o not in around] + [plateau]
         return glyphs
 
@@ -573,7 +594,7 @@ class TextDetector(Detector):
         tall, short = np.maximum(hh[:, None], hh[None]), np.minimum(hh[:, None], hh[None])
         v_overlap = np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None])
         gap = np.maximum(x0[:, None], x0[None]) - np.minimum(x1[:, None], x1[None])
-        line = (tall <= 1.8 * short) & (v_overlap >= 0.6 * short) & (gap <= 0.9 * tall)
+        line = (tall <= LINE_HEIGHT_RATIO * short) & (v_overlap >= 0.6 * short) & (gap <= 0.9 * tall)
         line &= ~contained[:, None] & ~contained[None]
         linked = inside | inside.T | line
         np.fill_diagonal(linked, False)
@@ -583,13 +604,17 @@ class TextDetector(Detector):
             gw, gh = box[2] - box[0], box[3] - box[1]
             letters = sum(1 for i in group if not contained[i])
             evidence = max(glyphs[i].evidence for i in group)
+            ink_height = gh - (box[1] > 0) - (box[3] < h)  # the box less its one-pixel rim (none at an edge)
             if letters >= 2 or gw >= 1.6 * gh:
                 # Letters have horizontal strokes too, so some columns of a word cross ink twice; a long row of
                 # pieces of a bright strip or of wires crosses each column once.
                 if gw >= 3 * gh and _stacked_strokes(images.bright, box) < MIN_STACKED:
                     continue
                 out.append(("text", box, evidence * (1.0 if letters >= 3 or gw >= 2.5 * gh else 0.9)))
-            elif (gw > 1.15 * gh and box[1] > 0 and box[3] < h) or gh < 0.015 * min(h, w):
+            elif ink_height < TINY_GLYPH * min(h, w) and gw < gh:
+                # Too small for a letter and narrower than tall: a sliver of a wire or of a bone, not a symbol.
+                continue
+            elif (gw > 1.15 * gh and box[1] > 0 and box[3] < h) or ink_height < TINY_GLYPH * min(h, w):
                 # One small symbol wider than tall, or too small for a letter: a burned-in symbol or a fragment
                 # of text (the top or bottom edge cutting a letter makes it look wide too).
                 out.append(("text", box, 0.9 * evidence))
@@ -599,7 +624,38 @@ class TextDetector(Detector):
                 flat = any(glyphs[i].flat >= FLAT_INK for i in group)
                 score = evidence * (1.0 if flat else 1.0 - _ramp(_clutter(images.bright, box), *CLUTTER_RANGE))
                 out.append(("marker", _enclosing_box(gray, box) or box, score))
-        return out
+        return _blocks(out)
+
+
+def _blocks(regions: list[Region]) -> list[Region]:
+    """Join text lines stacked into a block (a multi-line time or ID stamp) into one ``text`` region.
+
+    Lines of one block have about the same height, are separated by less than half a line and share most of their
+    horizontal extent (left-aligned, or cut by the same image edge). Only reported lines join; markers and lines
+    below the score cut are left as they are.
+
+    Args:
+        regions: (kind, box, score) in working-copy pixels.
+
+    Returns:
+        The regions, with the lines of each block replaced by the block's box and their best score.
+    """
+    lines = [i for i, (kind, _, score) in enumerate(regions) if kind == "text" and score >= MIN_SCORE]
+    if len(lines) < 2:
+        return regions
+    x0, y0, x1, y1 = np.array([regions[i][1] for i in lines], dtype=np.int64).T
+    hh, ww = y1 - y0, x1 - x0
+    tall, short = np.maximum(hh[:, None], hh[None]), np.minimum(hh[:, None], hh[None])
+    v_gap = np.maximum(y0[:, None], y0[None]) - np.minimum(y1[:, None], y1[None])
+    h_overlap = np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None])
+    stacked = (tall <= LINE_HEIGHT_RATIO * short) & (v_gap <= BLOCK_GAP * short)
+    stacked &= h_overlap >= BLOCK_OVERLAP * np.minimum(ww[:, None], ww[None])
+    np.fill_diagonal(stacked, False)
+    out = [r for i, r in enumerate(regions) if i not in set(lines)]
+    for group in _union_find_groups(len(lines), np.argwhere(np.triu(stacked))):
+        box = (int(x0[group].min()), int(y0[group].min()), int(x1[group].max()), int(y1[group].max()))
+        out.append(("text", box, max(regions[lines[i]][2] for i in group)))
+    return out
 
 
 def _ends_in_step(gray: np.ndarray, box: Box, plane: tuple[float, float, float]) -> bool:
