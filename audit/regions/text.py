@@ -20,9 +20,10 @@ Method (on a copy whose long side is at most 512 px):
 2. Glyph candidates: (a) top-hat with a square kernel a bit larger than a stroke, thresholded at a contrast
    scaled to the image's noise, with hysteresis, components of glyph size near the edges; a component too large
    for a glyph (a letter joined to a bright strip by a few antialiased pixels) is split at rising thresholds and
-   a piece split off is kept only when its ink is flat; (b) components of the plateau at the image's brightest
-   value, which finds white text on a bright background and tiny symbols that the top-hat merges with a
-   gradient next to them.
+   a piece split off is kept only when its ink is flat (a piece that is not kept is split again at the next
+   threshold); (b) components of the plateau at the image's brightest value, which finds white text on a bright
+   background and tiny symbols that the top-hat merges with a gradient next to them (the plateau glyph then
+   replaces the top-hat one, whose box runs on into the gradient).
 3. Evidence per glyph: the steepest step at the glyph against its contrast (sharpness), that contrast against
    the glyph's immediate surroundings, the share of its ink on the plateau at the image's brightest value
    (measured on the image itself: downscaling mixes thin strokes with their background), and its distance to
@@ -32,8 +33,11 @@ Method (on a copy whose long side is at most 512 px):
    (a glyph inside another, such as a letter inside the ring of a round lead marker, belongs to it). A line of
    two or more glyphs or a wide component (merged glyphs) is ``text`` when it has stacked strokes; a single
    symbol that is wider than tall or too small for a letter is ``text`` (the tiny glyphs burned into a
-   corner); a single letter-sized glyph is a ``marker``, scored down when bright structure crowds it (unless its
-   ink is on the brightest plateau), and boxed together with its small uniform box when it sits in one.
+   corner), unless it is too small for a letter and narrower than tall (a sliver of a wire or a bone: nothing);
+   a single letter-sized glyph is a ``marker``, scored down when bright structure crowds it (unless its ink is
+   on the brightest plateau), and boxed together with its small uniform box when it sits in one. Text lines
+   stacked with less than half a line between them and sharing most of their width are one block (a multi-line
+   time or ID stamp), which is how such stamps are boxed by hand.
 
 Only bright ink is looked for: modalities burn overlays in white (dark glyphs found by a black-hat were, on the
 real images, the gaps between ribs and drop shadows), and dark text on a light label is found by step 1. The
@@ -68,6 +72,7 @@ CONTEXT_DIVISOR = 4  # a glyph's background is the median of a margin of (its he
 SHARPNESS_RANGE = (0.5, 0.9)  # steepest step / contrast: blurred anatomy below the first, overlays above
 CONTRAST_RANGE = (25.0, 70.0)  # grey levels: evidence grows from the first to the second
 FLAT_INK = 0.3  # share of the ink on the plateau at the image's brightest value that marks drawn ink
+RUN_ON = 2  # px a glyph's box may extend past its ink on the brightest plateau (antialiasing) on any side
 PLATEAU = 2  # grey levels
 EDGE_BAND = (0.15, 0.35)  # distance to the nearest edge / short side: full weight below, none above
 MIN_EVIDENCE = 0.5  # a glyph with less evidence is dropped before grouping
@@ -318,13 +323,6 @@ def _measure(
     contrast = _quantile(patch[own], 0.9) - background
     if contrast < min_contrast:
         return None
-    # The glyph's box is that of its ink (at least half its contrast above the background) plus the one-pixel
-    # rim: a strong glyph's component can run on above the response threshold into a dimmer gradient next to it
-    # (a tiny symbol burned in just above the bright bottom edge), which is not ink.
-    ink_ys, ink_xs = np.nonzero(own & (patch > background + contrast / 2))
-    if ink_ys.size:
-        x0, x1 = max(x0, int(ink_xs.min()) + rx0 - 1), min(x1, int(ink_xs.max()) + rx0 + 2)
-        y0, y1 = max(y0, int(ink_ys.min()) + ry0 - 1), min(y1, int(ink_ys.max()) + ry0 + 2)
     # Sharpness: the steepest step at the glyph (box grown by one pixel) against its contrast. The 95th percentile,
     # not the maximum, so that one noisy pixel does not make a blurred edge sharp.
     steps = images.step[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1].ravel()
@@ -381,7 +379,7 @@ class TextDetector(Detector):
     """Burned-in text lines (kind ``text``) and single-letter laterality markers (kind ``marker``)."""
 
     name: ClassVar[str] = "text"
-    version: ClassVar[str] = "opencv-morph-2"
+    version: ClassVar[str] = "opencv-morph-3"
     kinds: ClassVar[tuple[str, ...]] = ("text", "marker")
 
     def detect(self, image: np.ndarray) -> list[Detection]:
@@ -534,14 +532,19 @@ class TextDetector(Detector):
                 elif split:
                     to_split[i] = True
         # A glyph on the brightest plateau is added where the top-hat found none, and replaces a top-hat glyph
-        # around it that is much larger and mostly not on the plateau: that one has merged with something next
-        # to it (a tiny symbol with the brighter body just below it).
+        # around it that has merged with something next to it (a tiny symbol with a brighter body or gradient
+        # just below it): one much larger and mostly not on the plateau, or one whose ink is this plateau glyph
+        # alone but whose box runs on past it by more than an antialiased rim.
         plateaus = self._plateau_glyphs(images)
         for plateau in plateaus:
             around = [o for o in glyphs if _inside(plateau, _box(o))]
             if all(
                 (_area(o) > 2 * _area(plateau) and o.flat < FLAT_INK)
-                or (o.flat >= FLAT_INK and sum(_inside(q, _box(o)) for q in plateaus) == 1)
+                or (
+                    o.flat >= FLAT_INK
+                    and sum(_inside(q, _box(o)) for q in plateaus) == 1
+                    and max(plateau.x0 - o.x0, plateau.y0 - o.y0, o.x1 - plateau.x1, o.y1 - plateau.y1) > RUN_ON
+                )
                 for o in around
             ):
                 glyphs = [o for o in glyphs if o not in around] + [plateau]
@@ -651,7 +654,8 @@ def _blocks(regions: list[Region]) -> list[Region]:
     stacked = (tall <= LINE_HEIGHT_RATIO * short) & (v_gap <= BLOCK_GAP * short)
     stacked &= h_overlap >= BLOCK_OVERLAP * np.minimum(ww[:, None], ww[None])
     np.fill_diagonal(stacked, False)
-    out = [r for i, r in enumerate(regions) if i not in set(lines)]
+    joined = set(lines)
+    out = [r for i, r in enumerate(regions) if i not in joined]
     for group in _union_find_groups(len(lines), np.argwhere(np.triu(stacked))):
         box = (int(x0[group].min()), int(y0[group].min()), int(x1[group].max()), int(y1[group].max()))
         out.append(("text", box, max(regions[lines[i]][2] for i in group)))
