@@ -165,11 +165,19 @@ def expanded_table(args: argparse.Namespace, device: torch.device) -> dict:
     options = SaliencyOptions(ig_steps=steps, smoothgrad_samples=samples, samples_per_batch=16)
     ig = build_methods(["integrated_gradients"], ours, None, options)
     sg = build_methods(["smoothgrad"], ours, None, options)
-    # The floor of n expanded samples is n single gradients at the same chunk size (16 samples per pass).
+    # The floor of n expanded samples is n single gradients at the same chunk size (16 samples per pass). It is run
+    # as many passes as Integrated Gradients makes (batch · steps / 16), so that each round's floor and contestants
+    # take about as long and the paired ratio sees the same load.
     x16 = torch.randn(16, 3, args.size, args.size, device=device)
     t16 = torch.zeros(16, dtype=torch.long, device=device)
+    passes = max(1, batch * steps // 16)
+
+    def floor_passes() -> None:
+        for _ in range(passes):
+            input_gradient_floor(ours, x16, t16)
+
     contestants: dict[str, Callable[[], object]] = {
-        "floor: forward + backward to the input": lambda: input_gradient_floor(ours, x16, t16),
+        "floor: forward + backward to the input": floor_passes,
         f"ours: integrated_gradients ({steps} steps)": lambda: explain(ig, x, target),
         f"ours: smoothgrad ({samples} samples)": lambda: explain(sg, x, target),
     }
@@ -190,10 +198,10 @@ def expanded_table(args: argparse.Namespace, device: torch.device) -> dict:
     floor = rows["floor: forward + backward to the input"]
     for name, row in rows.items():
         n = steps if "steps" in name else samples if "samples" in name else 0
-        images = batch if n else 16
+        images = batch if n else 16 * passes
         row["img_per_s"] = images / row["seconds"]
-        # n · images samples against the floor's 16, paired round by round.
-        row["ratio_to_floor"] = (n or 1) * images / 16 * paired(floor, row)
+        # n · images samples against the floor's 16 · passes, paired round by round.
+        row["ratio_to_floor"] = (n * images if n else 16 * passes) / (16 * passes) * paired(floor, row)
         row["batch"] = images
     return rows
 
