@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from audit.config import AuditConfig
 from audit.evidence.counterfactual import dependence_stats
-from audit.evidence.discovery import Cluster, discover
+from audit.evidence.discovery import Cluster, cluster_rows, discover
 from audit.evidence.findings import ALL, Key
 from audit.evidence.leakage import leakage_table, region_features
 
@@ -134,24 +134,15 @@ def discovered_clusters(
         seed=config.findings.seed,
     )
     rows = []
-    for cluster in clusters:
+    for cluster, row in zip(clusters, cluster_rows(clusters), strict=True):
         mean_map = np.asarray(cluster.mean_map, dtype=np.float32)
         peak = float(mean_map.max()) or 1.0
         rows.append(
             {
+                **{k: v for k, v in row.items() if k not in ("cls", "index", "examples")},
                 "method": method,
-                "label": cluster.cls,
-                "cluster": cluster.index,
-                "size": cluster.size,
-                "share": cluster.share,
-                "purity": cluster.purity,
-                "peak_x": cluster.peak[0],
-                "peak_y": cluster.peak[1],
-                "concentration": cluster.concentration,
-                "outside_expected": cluster.outside_expected,
-                "distinct": cluster.distinct,
-                "suspicious": bool(cluster.suspicious),
-                "reason": cluster.reason,
+                "label": row["cls"],
+                "cluster": row["index"],
                 "mean_map_u8": np.round(mean_map / peak * 255).astype(np.uint8).reshape(-1).tolist(),
                 "map_size": mean_map.shape[0],
                 "examples": [image_ids[i] for i in cluster.examples],
