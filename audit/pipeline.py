@@ -660,8 +660,9 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
                     seed=config.findings.seed,
                     max_batch=config.counterfactual.max_batch,
                 )
-                _append_counterfactuals(counterfactual_cols, batch, [image_ids[i] for i in index], p.region_kinds)
-                _append_counterfactual_targets(counterfactual_cols, batch, first.targets)
+                _append_counterfactuals(
+                    counterfactual_cols, batch, [image_ids[i] for i in index], p.region_kinds, first.targets
+                )
             for name, result in results.items():
                 if name == config.methods[0]:
                     probs = torch.softmax(result.logits.float(), dim=1)
@@ -724,20 +725,21 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
 
 
 def _append_counterfactuals(
-    columns: dict[str, list], batch: CounterfactualBatch, image_ids: Sequence[str], kinds: Sequence[str]
+    columns: dict[str, list],
+    batch: CounterfactualBatch,
+    image_ids: Sequence[str],
+    kinds: Sequence[str],
+    targets: torch.Tensor,
 ) -> None:
-    """Add one batch's counterfactual rows (image, kind, fill) to the shard's columns."""
+    """Add one batch's counterfactual rows (image, kind, fill) to the shard's columns; ``targets`` long [b]."""
     columns["image_id"] += [image_ids[i] for i in batch.image_index]
     columns["region_kind"] += [kinds[k] for k in batch.kind_index]
     columns["fill"] += [str(f) for f in batch.fill]
-    for name in ("area_fraction", "prob_clean", "prob_removed", "prob_control"):
-        columns[name] += np.asarray(batch.__dict__[name], dtype=np.float64).tolist()
-    for name in ("flip_removed", "flip_control", "control_found"):
-        columns[name] += np.asarray(batch.__dict__[name], dtype=bool).tolist()
-
-
-def _append_counterfactual_targets(columns: dict[str, list], batch: CounterfactualBatch, targets: torch.Tensor) -> None:
     columns["target"] += targets.cpu().numpy()[batch.image_index].astype(int).tolist()
+    for name in ("area_fraction", "prob_clean", "prob_removed", "prob_control"):
+        columns[name] += np.asarray(getattr(batch, name), dtype=np.float64).tolist()
+    for name in ("flip_removed", "flip_control", "control_found"):
+        columns[name] += np.asarray(getattr(batch, name), dtype=bool).tolist()
 
 
 def _with_user_masks(masks: torch.Tensor, file_masks: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -844,7 +846,6 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
     build_catalog(out)
 
     verdict = overall_verdict(findings)
-    correct = images.column("correct").to_numpy(zero_copy_only=False)
     accuracy = float(correct.mean()) if len(correct) else None
     model_info = {
         "kind": ref.kind,
@@ -855,7 +856,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "above_chance": above_chance,
         "accuracy_check": chance_sentence,
     }
-    for r in read_table(out, "sanity").to_pylist():
+    for r in sanity:
         model_info[f"sanity check: {r['method']}"] = (
             f"{'passed' if r['passed'] else 'FAILED'} (rank correlation {r['rank_correlation']:.2f} after randomising "
             "the top layers; below 0.5 passes)"
@@ -868,7 +869,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "images": images.num_rows,
         "errors": errors.num_rows,
         "classes": len(p.labels),
-        "regions": read_table(out, "regions").num_rows,
+        "regions": regions.num_rows,
         "findings": len(findings),
         "clusters": len(clusters),
         "suspicious_clusters": sum(c["suspicious"] for c in clusters),
