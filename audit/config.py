@@ -34,6 +34,12 @@ class ProbeConfig(_Strict):
     folds: int = Field(
         2, ge=2, le=10, description="cross-fitting folds: each image is scored by a model that did not train on it"
     )
+    max_images: int = Field(
+        4000,
+        ge=10,
+        description="images the probe trains on at most (a seeded, class-stratified sample by image id); every "
+        "image is still scored, by a fold model that did not train on it",
+    )
     seed: int = 0
 
 
@@ -120,6 +126,12 @@ class CounterfactualConfig(_Strict):
         ("inpaint", "mean"), min_length=1, description="how removed pixels are filled; the first decides dependence"
     )
     max_batch: int = Field(64, ge=1, le=4096, description="counterfactual images per forward pass")
+    max_images_per_class: int = Field(
+        2000,
+        ge=10,
+        description="images of a class that get the counterfactual test, at most (a sample fixed by image id, so "
+        "a resumed or incremental run draws the same one); bounds its cost on large datasets",
+    )
 
 
 class DiscoveryConfig(_Strict):
@@ -152,7 +164,13 @@ class AuditConfig(_Strict):
     shard_size: int = Field(256, ge=1, description="images per shard: the unit of parallel work and of atomic output")
     batch_size: int = Field(32, ge=1, le=4096, description="images per saliency batch on the device")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    workers: int = Field(2, ge=1, le=256, description="shards processed at once")
+    workers: int = Field(2, ge=1, le=256, description="shards processed at once (threads, or Dask worker processes)")
+    runner: Literal["threads", "dask"] = Field(
+        "threads", description="Prefect task runner of the shard tasks: a thread pool, or a Dask cluster"
+    )
+    dask_address: str | None = Field(
+        None, description="scheduler address of an existing Dask cluster (tcp://host:8786); empty = a local cluster"
+    )
     map_size: int = Field(32, ge=8, le=128, description="side of the downsampled saliency maps stored per image")
     gallery_size: int = Field(12, ge=0, le=200)
 

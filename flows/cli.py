@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on", choices=["watch", "shortcut"], help="exit 1 when a finding reaches this level")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--workers", type=int, help="shards processed at once (default 2)")
+    run.add_argument("--runner", choices=["threads", "dask"], help="task runner of the shard tasks (default threads)")
+    run.add_argument(
+        "--dask-address",
+        help="scheduler of an existing Dask cluster, tcp://host:8786 (implies --runner dask; default: a local cluster "
+        "of --workers processes)",
+    )
     run.add_argument("--shard-size", type=int, help="images per shard (default 256)")
     run.add_argument("--batch-size", type=int, help="images per saliency batch (default 32)")
     run.add_argument("--probe-epochs", type=int, help="epochs of the probe model (default 30)")
@@ -91,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         "fail_on": args.fail_on,
         "device": args.device,
         "workers": args.workers,
+        "runner": "dask" if args.dask_address else args.runner,
+        "dask_address": args.dask_address or os.environ.get("AUDIT_DASK_ADDRESS") or None,
         "shard_size": args.shard_size,
         "batch_size": args.batch_size,
         "probe.epochs": args.probe_epochs,
@@ -103,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.config is None and args.data is None:
         raise AuditError("audit run needs --data DIR (or --config FILE that sets data)")
     config = build_config(args.config, **overrides)
+    if args.no_prefect and config.runner == "dask":
+        raise AuditError("--runner dask runs through Prefect; drop --no-prefect (or use --runner threads)")
     if args.no_prefect:
         from audit.pipeline import run_pipeline
 
