@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    dask_address = args.dask_address or os.environ.get("AUDIT_DASK_ADDRESS") or None
     overrides = {
         "data": args.data,
         "manifest": args.manifest,
@@ -97,8 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         "fail_on": args.fail_on,
         "device": args.device,
         "workers": args.workers,
-        "runner": "dask" if args.dask_address else args.runner,
-        "dask_address": args.dask_address or os.environ.get("AUDIT_DASK_ADDRESS") or None,
+        "runner": "dask" if dask_address else args.runner,
+        "dask_address": dask_address,
         "shard_size": args.shard_size,
         "batch_size": args.batch_size,
         "probe.epochs": args.probe_epochs,
