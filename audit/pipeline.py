@@ -21,8 +21,8 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +50,8 @@ from audit.metrics.regions import boxes_to_masks, downsample_maps, region_metric
 from audit.models.layers import TargetLayer, describe_layer, find_target_layer
 from audit.models.loading import load_user_model
 from audit.models.preprocessing import InputSpec
-from audit.models.probe import ProbeNet, assign_folds, probe_input_spec, save_probe, train_probe
+from audit.models.probe import ProbeNet, assign_folds, key_hash, probe_input_spec, save_probe, train_probe
+from audit.progress import ShardProgress
 from audit.regions import DETECTORS, Detection
 from audit.regions.base import to_gray
 from audit.regions.cache import RegionCache, default_cache_dir
@@ -59,6 +60,16 @@ from audit.saliency import SaliencyOptions, build_methods, explain, validate_met
 from audit.store.catalog import build_catalog
 from audit.store.parquet import read_table, rows_to_table, write_part
 from audit.store.schemas import TABLES
+from audit.store.state import (
+    RunState,
+    assign_shards,
+    file_fingerprint,
+    file_stat,
+    fingerprint,
+    plan_record,
+    read_json,
+    write_json_atomic,
+)
 
 log = logging.getLogger("audit.pipeline")
 
@@ -77,6 +88,9 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
+    """What every stage needs to know about the run. ``shards`` (the file lists) is only in the flow process's
+    copy: the copy shipped to shard tasks (:meth:`light`) leaves it out, since each task gets its own shard."""
+
     config: AuditConfig
     root: Path
     labels: tuple[str, ...]
@@ -85,6 +99,13 @@ class Plan:
     spec: InputSpec
     started: float
     user: UserRegions = field(default_factory=UserRegions)
+    shard_ids: tuple[int, ...] = ()  # indices of the plan's shards, in order
+    n_files: int = 0
+    class_counts: tuple[int, ...] = ()  # files per label, in ``labels`` order
+    user_key: str = ""  # fingerprint of the user's boxes and mask files
+
+    def light(self) -> Plan:
+        return replace(self, shards=())
 
 
 @dataclass(frozen=True)
@@ -99,12 +120,16 @@ class ModelRef:
     num_classes: int
     folds: int = 1
     info: dict = field(default_factory=dict)
+    key: str = ""  # fingerprint of the model's weights and input settings: explained results depend on it
 
 
 class Runner(Protocol):
-    """How stages run: ``map`` applies a stage to many argument tuples, ``call`` runs one."""
+    """How stages run: ``map`` applies a stage to many argument tuples (calling ``on_result`` with each result as
+    it arrives, in any order) and returns the results in the order of ``items``; ``call`` runs one."""
 
-    def map(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Any]: ...
+    def map(
+        self, fn: Callable[..., Any], items: Sequence[tuple], on_result: Callable[[Any], None] | None = None
+    ) -> list[Any]: ...
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
@@ -115,11 +140,21 @@ class LocalRunner:
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
 
-    def map(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
+    def map(
+        self, fn: Callable[..., Any], items: Sequence[tuple], on_result: Callable[[Any], None] | None = None
+    ) -> list[Any]:
+        report = on_result or (lambda _result: None)
         if self.workers <= 1 or len(items) <= 1:
-            return [fn(*args) for args in items]
+            results = []
+            for args in items:
+                results.append(fn(*args))
+                report(results[-1])
+            return results
         with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(lambda args: fn(*args), items))
+            futures = [pool.submit(fn, *args) for args in items]
+            for future in as_completed(futures):
+                report(future.result())
+            return [f.result() for f in futures]
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
@@ -153,18 +188,33 @@ def plan(config: AuditConfig) -> Plan:
             spec = InputSpec(config.model.image_size, spec.channels, spec.mean, spec.std)
     else:
         spec = probe_input_spec(config.probe)
+    user = load_user_regions(config.regions.user_boxes, config.regions.user_masks, config.regions.expected)
+    kinds = region_kinds(config.regions.detectors) + (("watermark",) if config.regions.watermark else ())
+    kinds = (*kinds, *(k for k in user.kinds if k not in kinds))
     config.out.mkdir(parents=True, exist_ok=True)
-    shards = tuple(Shard(i, entries) for i, entries in enumerate(manifest.shards(config.shard_size)))
+    _remove_temporary_files(config.out)
+    # Keep the shards of the previous plan whose files are all still listed (resume, incremental audits).
+    plan_file = config.out / "work" / "plan.json"
+    previous = read_json(plan_file)
+    previous_shards = previous.get("shards") if isinstance(previous, dict) else None
+    cut = assign_shards(manifest.entries, previous_shards, config.shard_size)
+    shards = tuple(Shard(i, entries) for i, entries in cut)
+    write_json_atomic(plan_file, {"shards": plan_record(cut)})
+    kept = {s.index for s in shards}
+    dropped = [i for i in range(len(previous_shards or ())) if i not in kept]
+    for index in dropped:
+        _remove_shard_outputs(config.out, index)
+    counts = [0] * len(manifest.labels)
+    for entry in manifest.entries:
+        counts[manifest.labels.index(entry.label)] += 1
     log.info(
-        "dataset %s: %d files, %d labels, %d shards",
+        "dataset %s: %d files, %d labels, %d shards (%d kept from the previous plan)",
         config.data,
         len(manifest.entries),
         len(manifest.labels),
         len(shards),
+        sum(1 for i, _ in cut if i < len(previous_shards or ())),
     )
-    user = load_user_regions(config.regions.user_boxes, config.regions.user_masks, config.regions.expected)
-    kinds = region_kinds(config.regions.detectors) + (("watermark",) if config.regions.watermark else ())
-    kinds = (*kinds, *(k for k in user.kinds if k not in kinds))
     return Plan(
         user=user,
         config=config,
@@ -174,7 +224,52 @@ def plan(config: AuditConfig) -> Plan:
         region_kinds=kinds,
         spec=spec,
         started=time.time(),
+        shard_ids=tuple(s.index for s in shards),
+        n_files=len(manifest.entries),
+        class_counts=tuple(counts),
+        user_key=_user_regions_key(user),
     )
+
+
+# Per-shard outputs (``{key}`` = the shard index, 5 digits); the dataset-level tables are rewritten every run.
+SHARD_OUTPUTS = (
+    "tables/regions/part-{key}.parquet",
+    "tables/regions/part-watermark-{key}.parquet",
+    "tables/errors/part-ingest-{key}.parquet",
+    "tables/images/part-{key}.parquet",
+    "tables/attributions/part-{key}.parquet",
+    "tables/maps/part-{key}.parquet",
+    "tables/counterfactuals/part-{key}.parquet",
+    "work/shard-{key}.npz",
+    "work/means-{key}.npz",
+    "work/done/ingest-{key}.json",
+    "work/done/explain-{key}.json",
+)
+
+
+def _remove_shard_outputs(out: Path, index: int) -> None:
+    """Delete every output of a shard that is no longer in the plan, so its rows leave the tables."""
+    for pattern in SHARD_OUTPUTS:
+        (out / pattern.format(key=f"{index:05d}")).unlink(missing_ok=True)
+
+
+def _remove_temporary_files(out: Path) -> None:
+    """Leftovers of a run killed while writing (``.*.tmp``, ``*.tmp.npz``); the files they were to replace are
+    either complete or absent, so these are never needed."""
+    for folder in (out / "tables", out / "work"):
+        if folder.is_dir():
+            for path in [*folder.rglob(".*.tmp"), *folder.rglob("*.tmp.npz")]:
+                path.unlink(missing_ok=True)
+
+
+def _user_regions_key(user: UserRegions) -> str:
+    """What the user's regions depend on: the boxes, and the size and time of every mask file."""
+    masks = []
+    if user.masks_root is not None:
+        for path in sorted(user.masks_root.rglob("*")):
+            if path.is_file():
+                masks.append((path.relative_to(user.masks_root).as_posix(), file_stat(path)))
+    return fingerprint(sorted(user.boxes.items()), masks, user.mask_kinds, user.expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +318,20 @@ def _shard_hashes(p: Plan, shard: Shard) -> list[str]:
     return hashes
 
 
+def _ingest_key(p: Plan, shard: Shard, stats: list) -> str:
+    """What a shard's ingest outputs depend on: its files (and their sizes and times), the detectors, the input
+    size and the user's regions."""
+    detectors = [(name, DETECTORS.get(name).version) for name in p.config.regions.detectors]
+    return fingerprint(
+        "ingest",
+        [(e.path, e.label, e.split, e.group) for e in shard.entries],
+        stats,
+        detectors,
+        (p.spec.size, p.spec.channels),
+        p.user_key,
+    )
+
+
 def ingest_shard(p: Plan, shard: Shard) -> dict:
     """Read, hash, decode, detect regions and resize every image of one shard.
 
@@ -230,10 +339,26 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
     (README, "Regions"); new ones are added to it. Writes ``tables/regions`` and ``tables/errors`` parts and a
     work file with the resized inputs (uint8 [n, C, S, S]) and user masks (uint8 [n, M, S, S]) for the model
     stages. Returns counts, including how many detector calls were made.
+
+    Skipped (``skipped: True``) when this shard was ingested before with the same files, sizes, modification
+    times and settings (README, "Resume and incremental audits").
     """
     start = time.perf_counter()
     config = p.config
     out = config.out
+    state = RunState(out)
+    shard_name = f"{shard.index:05d}"
+    stats = [file_stat(_safe_path(p.root, e.path)) for e in shard.entries]
+    ingest_key = _ingest_key(p, shard, stats)
+    done = state.done("ingest", shard_name, ingest_key)
+    if done is not None:
+        return {
+            **done["counts"],
+            "shard": shard.index,
+            "files": len(shard.entries),
+            "detector_calls": 0,
+            "skipped": True,
+        }
     errors: list[dict] = []
     regions: list[dict] = []
     meta: dict[str, list] = {
@@ -335,6 +460,15 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
     temporary = work.with_suffix(".tmp.npz")
     np.savez(temporary, inputs=array, masks=mask_array, **{k: np.array(v, dtype=object) for k, v in meta.items()})
     temporary.replace(work)
+    counts = {"images": len(inputs), "errors": len(errors), "regions": len(regions)}
+    state.mark(
+        "ingest",
+        shard_name,
+        ingest_key,
+        [work, *(out / pattern.format(key=shard_name) for pattern in SHARD_OUTPUTS[:1] + SHARD_OUTPUTS[2:3])],
+        counts=counts,
+        image_ids=meta["image_id"],
+    )
     seconds = time.perf_counter() - start
     log.info(
         "ingest shard %d: %d images, %d errors, %d regions, %d detector calls (%.1f img/s)",
@@ -345,13 +479,15 @@ def ingest_shard(p: Plan, shard: Shard) -> dict:
         calls,
         len(shard.entries) / max(seconds, 1e-9),
     )
-    return {
-        "shard": shard.index,
-        "images": len(inputs),
-        "errors": len(errors),
-        "regions": len(regions),
-        "detector_calls": calls,
-    }
+    return {**counts, "shard": shard.index, "files": len(shard.entries), "detector_calls": calls, "skipped": False}
+
+
+def _safe_path(root: Path, relative: str) -> Path:
+    """``safe_join``, or the plain join when the path is refused (the refusal is reported when it is read)."""
+    try:
+        return safe_join(root, relative)
+    except AuditError:
+        return root / "__refused__"
 
 
 def _gray_grid(inputs: np.ndarray) -> np.ndarray:
@@ -368,39 +504,55 @@ def detect_watermarks(p: Plan) -> dict:
     the images of one class, found from statistics over the whole dataset, then located in each image.
 
     Two streaming passes over the shards' resized inputs (no decoding); writes ``tables/regions`` parts
-    ``watermark-<shard>`` and ``work/watermark.json``. Returns what was found.
+    ``watermark-<shard>`` (one per shard, possibly empty) and ``work/watermark.json``. Skipped when no shard's
+    images changed since the watermark record was written. Returns what was found.
     """
     from audit.regions.watermark import WatermarkMatches, WatermarkStatistics, slice_fits
 
     config = p.config
+    out = config.out
+    record_path = out / "work" / "watermark.json"
     if not config.regions.watermark:
+        for index in p.shard_ids:
+            (out / "tables" / "regions" / f"part-watermark-{index:05d}.parquet").unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
         return {"regions": []}
+    state = RunState(out)
+    inputs_key = fingerprint(
+        "watermark", [(i, (state.read("ingest", f"{i:05d}") or {}).get("key")) for i in p.shard_ids], p.labels
+    )
+    previous = read_json(record_path)
+    parts = [out / "tables" / "regions" / f"part-watermark-{i:05d}.parquet" for i in p.shard_ids]
+    if isinstance(previous, dict) and previous.get("key") == inputs_key and all(f.exists() for f in parts):
+        return previous
     stats = WatermarkStatistics(grid=p.spec.size, seed=config.findings.seed)
     # Pass 1 keeps each shard's small metadata, so pass 2 reads every work file only once more (for the pixels).
     shard_meta = []
-    for shard in p.shards:
-        work = _load_work(config.out, shard.index)
+    for index in p.shard_ids:
+        work = _load_work(out, index)
         labels = np.array([p.labels.index(str(v)) for v in work["label"]], dtype=int)
         sizes = list(zip(work["width"].astype(int), work["height"].astype(int), strict=True))
-        shard_meta.append((shard, work["image_id"], work["path"], sizes, labels))
+        shard_meta.append((index, work["image_id"], work["path"], sizes, labels))
         if len(work["inputs"]):
             stats.add(_gray_grid(work["inputs"]), labels)
     model = stats.finish()
     found = []
-    if model.regions:
-        matches = [model.match(_gray_grid(_load_work(config.out, s.index)["inputs"])) for s in p.shards]
-        fits = model.assign(WatermarkMatches.concatenate(matches).scores)
-        start = 0
-        for (shard, image_ids, paths, sizes, _), shard_matches in zip(shard_meta, matches, strict=True):
+    matches = [model.match(_gray_grid(_load_work(out, i)["inputs"])) for i in p.shard_ids] if model.regions else []
+    fits = model.assign(WatermarkMatches.concatenate(matches).scores) if model.regions else []
+    start = 0
+    for j, (index, image_ids, paths, sizes, _) in enumerate(shard_meta):
+        rows = []
+        if model.regions:
             n = len(sizes)
-            detections = model.detections(shard_matches, slice_fits(fits, slice(start, start + n)), sizes)
+            detections = model.detections(matches[j], slice_fits(fits, slice(start, start + n)), sizes)
             start += n
             rows = [
                 _region_row(str(image_id), str(path), d)
                 for image_id, path, found_here in zip(image_ids, paths, detections, strict=True)
                 for d in found_here
             ]
-            write_part(config.out, "regions", rows_to_table("regions", rows), f"watermark-{shard.index:05d}")
+        write_part(out, "regions", rows_to_table("regions", rows), f"watermark-{index:05d}")
+    if model.regions:
         labels = np.concatenate([meta[4] for meta in shard_meta]).astype(int)
         for region, fit in zip(model.regions, fits, strict=True):
             found.append(
@@ -421,14 +573,21 @@ def detect_watermarks(p: Plan) -> dict:
                 region.threshold,
                 int(fit.carriers.sum()),
             )
-    record = {"grid": p.spec.size, "threshold": model.threshold, "regions": found}
-    (config.out / "work" / "watermark.json").write_text(json.dumps(record, indent=2, default=float))
+    record = {"key": inputs_key, "grid": p.spec.size, "threshold": model.threshold, "regions": found}
+    record = json.loads(json.dumps(record, default=float))
+    write_json_atomic(record_path, record)
     return record
 
 
 def _load_work(out: Path, shard: int) -> dict[str, np.ndarray]:
     with np.load(_work_file(out, shard), allow_pickle=True) as data:  # our own file, written by ingest_shard
         return {k: data[k] for k in data.files}
+
+
+def _load_work_fields(out: Path, shard: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """Some arrays of a shard's work file (an ``.npz`` reads each array only when asked)."""
+    with np.load(_work_file(out, shard), allow_pickle=True) as data:
+        return {k: data[k] for k in fields}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,39 +616,85 @@ def fit_model(p: Plan) -> ModelRef:
             spec=p.spec,
             path=config.model.path,
             num_classes=len(p.labels),
+            key=fingerprint(
+                "user-model", file_fingerprint(config.model.path), config.model.arch, layer.name, asdict(p.spec)
+            ),
         )
-    works = [_load_work(config.out, s.index) for s in p.shards]
-    inputs = np.concatenate([w["inputs"] for w in works])
-    if len(inputs) == 0:
+    return _fit_probe(p, device)
+
+
+def _probe_sample(p: Plan) -> list[tuple[int, np.ndarray]]:
+    """The probe's training images: the ``probe.max_images`` images of smallest seeded hash rank (a uniform
+    sample, the same whatever the file order), as (shard index, row indices) pairs, read without the pixels."""
+    config = p.config
+    ranks, where = [], []
+    for index in p.shard_ids:
+        ids = _load_work_fields(config.out, index, ("image_id",))["image_id"]
+        ranks.append(np.array([int(key_hash(f"{config.probe.seed}:{i}"), 16) for i in ids], dtype=np.uint64))
+        where.append(np.stack([np.full(len(ids), index), np.arange(len(ids))], 1) if len(ids) else np.zeros((0, 2)))
+    rank = np.concatenate(ranks) if ranks else np.zeros(0, np.uint64)
+    position = np.concatenate(where).astype(np.int64) if where else np.zeros((0, 2), np.int64)
+    chosen = position[np.sort(np.argsort(rank, kind="stable")[: config.probe.max_images])]
+    return [(index, chosen[chosen[:, 0] == index, 1]) for index in p.shard_ids if (chosen[:, 0] == index).any()]
+
+
+def _fit_probe(p: Plan, device: torch.device) -> ModelRef:
+    """Train the cross-fitted probe on a bounded sample of the ingested images, or reuse the one trained before
+    on the same sample with the same settings (``work/probe.json``)."""
+    config = p.config
+    sample = _probe_sample(p)
+    inputs_parts, image_ids, groups, label_names = [], [], [], []
+    for index, rows in sample:
+        work = _load_work(config.out, index)
+        inputs_parts.append(work["inputs"][rows])
+        image_ids += [str(i) for i in work["image_id"][rows]]
+        groups += [g if g is None else str(g) for g in work["group"][rows]]
+        label_names += [str(v) for v in work["label"][rows]]
+    if not image_ids:
         raise DataError("no image of the dataset could be read (see the errors table); nothing to audit")
-    image_ids = [str(i) for w in works for i in w["image_id"]]
-    groups = [g if g is None else str(g) for w in works for g in w["group"]]
-    labels = np.array([p.labels.index(str(label)) for w in works for label in w["label"]])
+    labels = np.array([p.labels.index(v) for v in label_names])
     counts = np.bincount(labels, minlength=len(p.labels))
     if (counts == 0).any():
         missing = [p.labels[i] for i in np.flatnonzero(counts == 0)]
         raise DataError(f"no readable image for label(s) {missing}; a probe needs images of every class")
-    folds = assign_folds(image_ids, groups, config.probe.folds)
-    log.info(
-        "training the probe: %d images, %d folds, %d epochs, %d px",
-        len(inputs),
-        config.probe.folds,
-        config.probe.epochs,
-        config.probe.image_size,
-    )
-    result = train_probe(inputs, labels, folds, len(p.labels), config.probe, device, progress=log.info)
     path = config.out / "work" / "probe.pt"
-    save_probe(result, str(path))
-    final = [h for h in result.history if h["epoch"] == config.probe.epochs]
+    record_path = config.out / "work" / "probe.json"
+    probe_key = fingerprint(
+        "probe", config.probe.model_dump(mode="json"), list(zip(image_ids, label_names, groups, strict=True))
+    )
+    record = read_json(record_path)
+    if not (isinstance(record, dict) and record.get("key") == probe_key and path.is_file()):
+        inputs = np.concatenate(inputs_parts)
+        folds = assign_folds(image_ids, groups, config.probe.folds)
+        log.info(
+            "training the probe: %d images, %d folds, %d epochs, %d px",
+            len(inputs),
+            config.probe.folds,
+            config.probe.epochs,
+            config.probe.image_size,
+        )
+        result = train_probe(inputs, labels, folds, len(p.labels), config.probe, device, progress=log.info)
+        del inputs
+        save_probe(result, str(path))
+        final = [h for h in result.history if h["epoch"] == config.probe.epochs]
+        record = {
+            "key": probe_key,
+            "images": len(image_ids),
+            "train_accuracy": [round(h["train_accuracy"], 4) for h in final],
+        }
+        write_json_atomic(record_path, record)
+    else:
+        log.info("reusing the probe trained on the same %d images with the same settings", len(image_ids))
     return ModelRef(
         kind="probe",
         arch="probe-cnn",
         target_layer=TargetLayer("features"),
-        spec=result.spec,
+        spec=probe_input_spec(config.probe),
         path=path,
         num_classes=len(p.labels),
         folds=config.probe.folds,
-        info={"train_accuracy": [round(h["train_accuracy"], 4) for h in final]},
+        info={"train_accuracy": record["train_accuracy"], "trained_on": record["images"]},
+        key=fingerprint(probe_key, file_fingerprint(path)),
     )
 
 
@@ -519,8 +724,20 @@ def check_sanity(p: Plan, ref: ModelRef) -> list[dict]:
     from audit.saliency.sanity import randomisation_check
 
     config = p.config
+    state = RunState(config.out)
+    first = f"{p.shard_ids[0]:05d}"
+    key = fingerprint(
+        "sanity",
+        ref.key,
+        config.methods,
+        config.saliency.model_dump(mode="json"),
+        (state.read("ingest", first) or {}).get("image_ids", [])[:SANITY_IMAGES],
+    )
+    done = state.done("sanity", "00000", key)
+    if done is not None:
+        return read_table(config.out, "sanity").to_pylist()
     device = resolve_device(config.device)
-    work = _load_work(config.out, p.shards[0].index)
+    work = _load_work(config.out, p.shard_ids[0])
     inputs = torch.from_numpy(work["inputs"][:SANITY_IMAGES]).to(device)
     rows = []
     if len(inputs):
@@ -542,7 +759,8 @@ def check_sanity(p: Plan, ref: ModelRef) -> list[dict]:
                 r.rank_correlation,
                 "passed" if r.passed else "FAILED (the map ignores the model)",
             )
-    write_part(config.out, "sanity", rows_to_table("sanity", rows), "00000")
+    part = write_part(config.out, "sanity", rows_to_table("sanity", rows), "00000")
+    state.mark("sanity", "00000", key, [part])
     return rows
 
 
@@ -577,16 +795,41 @@ def _box_tensors(
 def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     """Predictions, saliency maps and region metrics for one shard, batched on the device.
 
-    Writes ``tables/images``, ``tables/attributions`` and ``tables/maps`` parts, and the shard's per-label sums
-    of small images (for the report's mean image per class).
+    Writes ``tables/images``, ``tables/attributions``, ``tables/maps`` and ``tables/counterfactuals`` parts, and
+    the shard's per-label sums of small images (for the report's mean image per class). Skipped
+    (``skipped: True``) when the shard was explained before with the same images, regions, model and settings.
     """
     start = time.perf_counter()
     config = p.config
     out = config.out
+    key = f"{shard.index:05d}"
+    state = RunState(out)
+    ingested = state.read("ingest", key) or {}
+    regions = read_shard_regions(out, key)
+    rates = counterfactual_rates(p)
+    explain_key = fingerprint(
+        "explain",
+        # The images (by content) and their labels, not the files' times: a touched but unchanged file is not
+        # explained again.
+        ingested.get("image_ids"),
+        [(e.path, e.label, e.split, e.group) for e in shard.entries],
+        p.user_key,
+        ref.key,
+        p.labels,
+        p.region_kinds,
+        rates,
+        fingerprint(sorted(tuple(sorted(r.items())) for r in regions)),
+        {
+            name: getattr(config, name)
+            for name in ("methods", "target", "map_size", "batch_size", "saliency", "counterfactual")
+        },
+    )
+    done = state.done("explain", key, explain_key)
+    if done is not None:
+        return {"shard": shard.index, "images": done["images"], "seconds": 0.0, "skipped": True}
     device = resolve_device(config.device)
     work = _load_work(out, shard.index)
     n = len(work["inputs"])
-    key = f"{shard.index:05d}"
     image_ids = [str(i) for i in work["image_id"]]
     labels = np.array([p.labels.index(str(label)) for label in work["label"]], dtype=np.int64)
     if ref.kind == "probe":  # the same deterministic assignment as in fit_model
@@ -595,7 +838,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     else:
         folds = np.zeros(n, dtype=np.int64)
     models = load_models(ref, p, device) if n else []
-    regions = read_shard_regions(out, key)
+    in_counterfactual = counterfactual_sample(image_ids, labels, rates, config.findings.seed)
     widths = work["width"].astype(np.float64)
     heights = work["height"].astype(np.float64)
     size = ref.spec.size
@@ -625,6 +868,8 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     options = SaliencyOptions(**config.saliency.model_dump())
     methods = [build_methods(config.methods, model, ref.target_layer, options) for model in models]
     inputs_all = torch.from_numpy(work["inputs"])
+    if device.type == "cuda":  # page-locked memory: the copies below overlap the previous batch's kernels
+        inputs_all = inputs_all.pin_memory()
     for start_index in range(0, n, config.batch_size):
         stop = min(n, start_index + config.batch_size)
         x_u8 = inputs_all[start_index:stop].to(device, non_blocking=True)
@@ -645,23 +890,28 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
             masks = boxes_to_masks(boxes_all[index].to(device), kinds_all[index].to(device), num_kinds, size, size)
             masks = _with_user_masks(masks, torch.from_numpy(work["masks"][index]).to(device), p)
             results = explain(methods[k], xs, target)
-            if config.counterfactual.enabled and num_kinds:
+            chosen = torch.from_numpy(np.flatnonzero(in_counterfactual[index])).to(device)
+            if config.counterfactual.enabled and num_kinds and len(chosen):
                 # Dependence: the first method's targets and clean logits; the removed and control images of the
                 # batch go through the same fold model.
                 first = results[config.methods[0]]
                 batch = counterfactual_batch(
                     models[k],
-                    x_u8[local.to(device)],
+                    x_u8[local.to(device)][chosen],
                     ref.spec.normalise,
-                    masks,
-                    first.targets,
-                    first.logits,
+                    masks[chosen],
+                    first.targets[chosen],
+                    first.logits[chosen],
                     fills=config.counterfactual.fills,
                     seed=config.findings.seed,
                     max_batch=config.counterfactual.max_batch,
                 )
                 _append_counterfactuals(
-                    counterfactual_cols, batch, [image_ids[i] for i in index], p.region_kinds, first.targets
+                    counterfactual_cols,
+                    batch,
+                    [image_ids[i] for i in index[chosen.cpu().numpy()]],
+                    p.region_kinds,
+                    first.targets[chosen],
                 )
             for name, result in results.items():
                 if name == config.methods[0]:
@@ -714,14 +964,36 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
         "correct": (predictions == labels).tolist(),
         "shard": [shard.index] * n,
     }
-    write_part(out, "images", rows_to_table("images", images), key)
-    write_part(out, "attributions", rows_to_table("attributions", attribution_cols), key)
-    write_part(out, "maps", rows_to_table("maps", map_cols), key)
-    write_part(out, "counterfactuals", rows_to_table("counterfactuals", counterfactual_cols), key)
-    _write_mean_images(out, key, work["inputs"], labels, len(p.labels))
+    written = [
+        write_part(out, "images", rows_to_table("images", images), key),
+        write_part(out, "attributions", rows_to_table("attributions", attribution_cols), key),
+        write_part(out, "maps", rows_to_table("maps", map_cols), key),
+        write_part(out, "counterfactuals", rows_to_table("counterfactuals", counterfactual_cols), key),
+        _write_mean_images(out, key, work["inputs"], labels, len(p.labels)),
+    ]
+    state.mark("explain", key, explain_key, written, images=n)  # last: the shard is done only once all is written
     seconds = time.perf_counter() - start
     log.info("explain shard %d: %d images (%.1f img/s)", shard.index, n, n / max(seconds, 1e-9))
-    return {"shard": shard.index, "images": n, "seconds": seconds}
+    return {"shard": shard.index, "images": n, "seconds": seconds, "skipped": False}
+
+
+def counterfactual_rates(p: Plan) -> list[float]:
+    """Per class, the share of images that get the counterfactual test: 1 up to
+    ``counterfactual.max_images_per_class`` images, then the largest power of ½ that keeps the expected count
+    within it (powers of ½, so a growing class changes its rate, and its shards' results, only at doublings)."""
+    cap = p.config.counterfactual.max_images_per_class
+    return [1.0 if n <= cap else 0.5 ** int(np.ceil(np.log2(n / cap))) for n in p.class_counts]
+
+
+def counterfactual_sample(
+    image_ids: Sequence[str], labels: np.ndarray, rates: Sequence[float], seed: int
+) -> np.ndarray:
+    """bool [n]: the images in the counterfactual sample, decided by a seeded hash of the image id (not by the
+    shard or the order), so a resumed or incremental run picks the same ones."""
+    if not len(image_ids):
+        return np.zeros(0, bool)
+    u = np.array([int(key_hash(f"counterfactual:{seed}:{i}"), 16) / 2.0**64 for i in image_ids])
+    return u < np.asarray(rates, dtype=np.float64)[labels]
 
 
 def _append_counterfactuals(
@@ -770,7 +1042,7 @@ def read_shard_regions(out: Path, key: str) -> list[dict]:
     return rows
 
 
-def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarray, num_labels: int) -> None:
+def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarray, num_labels: int) -> Path:
     """Per-label sums of the images at a small size, so the report's mean image never needs all images at once."""
     sums = np.zeros((num_labels, MEAN_IMAGE_SIZE, MEAN_IMAGE_SIZE), np.float64)
     counts = np.zeros(num_labels, np.int64)
@@ -783,21 +1055,24 @@ def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarr
     path = out / "work" / f"means-{key}.npz"
     np.savez(path.with_suffix(".tmp.npz"), sums=sums, counts=counts)
     path.with_suffix(".tmp.npz").replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 5: summarise
 
 
-def summarise(p: Plan, ref: ModelRef) -> dict:
+def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
     """Findings, the DuckDB catalog, ``summary.json`` and the HTML report. Returns the summary."""
     from audit.report.build import build_report_content
     from audit.report.html import write_report
 
     config = p.config
     out = config.out
-    images = read_table(out, "images")
-    attributions = read_table(out, "attributions")
+    # Rows in a fixed order (by image id, not by shard), so the findings' bootstraps and samples are the same
+    # whether the images came in one run or over several incremental ones.
+    images = _in_image_order(read_table(out, "images"))
+    attributions = _in_image_order(read_table(out, "attributions"), "method", "region_kind")
     errors = read_table(out, "errors")
     label_of = dict(zip(images.column("image_id").to_pylist(), images.column("label").to_pylist(), strict=True))
     group_of = dict(zip(images.column("image_id").to_pylist(), images.column("group").to_pylist(), strict=True))
@@ -813,10 +1088,10 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         rank=attributions.column("rank_accuracy").to_numpy(zero_copy_only=False).astype(np.float64),
         group=np.array([group_of[i] for i in attribution_ids], dtype=object),
     )
-    regions = read_table(out, "regions")
+    regions = _in_image_order(read_table(out, "regions"), "kind", "x0", "y0", "x1", "y1", "detector")
     sanity = read_table(out, "sanity").to_pylist()
     dependence = dependence_by_key(
-        read_table(out, "counterfactuals"),
+        _in_image_order(read_table(out, "counterfactuals"), "region_kind", "fill"),
         images,
         config.counterfactual.fills[0],
         config.findings.bootstrap,
@@ -840,7 +1115,9 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         cap_at_watch(findings, chance_sentence)
     clusters: list[dict] = []
     if config.discovery.enabled:
-        _, clusters = discovered_clusters(read_table(out, "maps"), attributions, images, regions, p.labels, config)
+        _, clusters = discovered_clusters(
+            _in_image_order(read_table(out, "maps"), "method"), attributions, images, regions, p.labels, config
+        )
     write_part(out, "clusters", rows_to_table("clusters", clusters), "00000")
     write_part(out, "findings", rows_to_table("findings", findings), "00000")
     build_catalog(out)
@@ -865,7 +1142,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         model_info["folds"] = ref.folds
         model_info["train_accuracy"] = ref.info.get("train_accuracy")
     counts = {
-        "files": sum(len(s.entries) for s in p.shards),
+        "files": p.n_files,
         "images": images.num_rows,
         "errors": errors.num_rows,
         "classes": len(p.labels),
@@ -889,6 +1166,7 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
         "region_kinds": list(p.region_kinds),
         "labels": list(p.labels),
         "duration_seconds": round(time.time() - p.started, 1),
+        "work": work,
         "versions": versions(),
     }
     summary_path = out / "summary.json"
@@ -898,6 +1176,11 @@ def summarise(p: Plan, ref: ModelRef) -> dict:
     write_report(content, out / "index.html")
     log.info("verdict: %s; report: %s", verdict, out / "index.html")
     return summary
+
+
+def _in_image_order(table: Any, *then: str) -> Any:
+    """The table sorted by ``image_id`` and then by ``then``: the same order however the rows were sharded."""
+    return table.sort_by([("image_id", "ascending"), *((name, "ascending") for name in then)])
 
 
 def _json_safe(row: dict) -> dict:
@@ -923,16 +1206,46 @@ def versions() -> dict[str, str]:
 # Wiring
 
 
-def run_pipeline(config: AuditConfig, runner: Runner | None = None) -> dict:
-    """Run every stage; returns the summary (also written to ``OUT/summary.json``)."""
+def _map_shards(runner: Runner, fn: Callable[..., Any], items: list[tuple], bar: ShardProgress) -> list[Any]:
+    try:
+        return runner.map(fn, items, on_result=bar)
+    finally:
+        bar.close()
+
+
+def run_pipeline(config: AuditConfig, runner: Runner | None = None, progress: bool = False) -> dict:
+    """Run every stage; returns the summary (also written to ``OUT/summary.json``).
+
+    ``progress``: show a progress bar of images per second on the terminal (the command line does).
+    """
     runner = runner or LocalRunner(config.workers)
-    p: Plan = runner.call(plan, config)
-    runner.map(ingest_shard, [(p, s) for s in p.shards])
+    full: Plan = runner.call(plan, config)
+    p = full.light()  # what tasks get: everything but the other shards' file lists
+    ingested = _map_shards(
+        runner, ingest_shard, [(p, s) for s in full.shards], ShardProgress("ingest", p.n_files, "files", progress)
+    )
     runner.call(detect_watermarks, p)
     ref: ModelRef = runner.call(fit_model, p)
-    runner.map(explain_shard, [(p, s, ref) for s in p.shards])
+    images = sum(r["images"] for r in ingested)
+    explained = _map_shards(
+        runner, explain_shard, [(p, s, ref) for s in full.shards], ShardProgress("explain", images, "images", progress)
+    )
     runner.call(check_sanity, p, ref)
-    return runner.call(summarise, p, ref)
+    work = {
+        "shards": len(full.shards),
+        "ingested": sum(not r["skipped"] for r in ingested),
+        "explained": sum(not r["skipped"] for r in explained),
+        "images_explained": sum(r["images"] for r in explained if not r["skipped"]),
+        "detector_calls": sum(r["detector_calls"] for r in ingested),
+    }
+    log.info(
+        "shards: %d; ingested %d, explained %d (%d images); the others were reused from earlier runs",
+        work["shards"],
+        work["ingested"],
+        work["explained"],
+        work["images_explained"],
+    )
+    return runner.call(summarise, p, ref, work)
 
 
 __all__ = [

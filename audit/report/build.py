@@ -51,13 +51,14 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         settings=settings,
         versions=summary["versions"],
         clusters=tuple(clusters),
+        changes=summary.get("changes"),
     )
 
 
 def _mean_images(p: Plan) -> dict[str, np.ndarray]:
     sums, counts = None, None
-    for shard in p.shards:
-        path = p.config.out / "work" / f"means-{shard.index:05d}.npz"
+    for index in p.shard_ids:
+        path = p.config.out / "work" / f"means-{index:05d}.npz"
         if not path.exists():
             continue
         with np.load(path) as data:
