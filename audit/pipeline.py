@@ -200,10 +200,7 @@ def plan(config: AuditConfig) -> Plan:
     cut = assign_shards(manifest.entries, previous_shards, config.shard_size)
     shards = tuple(Shard(i, entries) for i, entries in cut)
     write_json_atomic(plan_file, {"shards": plan_record(cut)})
-    kept = {s.index for s in shards}
-    dropped = [i for i in range(len(previous_shards or ())) if i not in kept]
-    for index in dropped:
-        _remove_shard_outputs(config.out, index)
+    _remove_outputs_of_other_shards(config.out, {s.index for s in shards})
     counts = [0] * len(manifest.labels)
     for entry in manifest.entries:
         counts[manifest.labels.index(entry.label)] += 1
@@ -247,10 +244,15 @@ SHARD_OUTPUTS = (
 )
 
 
-def _remove_shard_outputs(out: Path, index: int) -> None:
-    """Delete every output of a shard that is no longer in the plan, so its rows leave the tables."""
+def _remove_outputs_of_other_shards(out: Path, shards: set[int]) -> None:
+    """Delete every per-shard output of a shard that is not in the plan (a dissolved shard's, or a shard of an
+    earlier plan whose clean-up was interrupted), so its rows leave the tables."""
     for pattern in SHARD_OUTPUTS:
-        (out / pattern.format(key=f"{index:05d}")).unlink(missing_ok=True)
+        head, tail = pattern.split("{key}")
+        for path in out.glob(pattern.format(key="[0-9][0-9][0-9][0-9][0-9]")):
+            index = path.as_posix()[len((out / head).as_posix()) : -len(tail)]
+            if index.isdigit() and int(index) not in shards:
+                path.unlink(missing_ok=True)
 
 
 def _remove_temporary_files(out: Path) -> None:

@@ -152,6 +152,20 @@ def test_a_finished_audit_rerun_does_no_model_work_and_a_changed_file_is_found(t
     ids = set(read_table(config.out, "images").column("image_id").to_pylist())
     assert old_id not in ids and len(ids) == 40
 
+    # A file removed from the dataset: its shard is dissolved, its rows leave every table, nothing is duplicated.
+    gone = sorted((data / "normal").glob("*.png"))[3]
+    gone.unlink()
+    shrunk = run_pipeline(config)
+    images = read_table(config.out, "images")
+    assert images.num_rows == 39 and len(set(images.column("image_id").to_pylist())) == 39
+    assert not any(p.endswith(gone.name) for p in images.column("path").to_pylist())
+    # Only the other 9 files of that shard are read again, in a new shard; the probe's training sample changed,
+    # so it is retrained and every shard is explained again (README: incremental audits need a fixed model).
+    assert shrunk["work"]["ingested"] == 1 and shrunk["work"]["shards"] == 4
+    assert shrunk["work"]["explained"] == 4
+    attributions = read_table(config.out, "attributions")
+    assert set(attributions.column("image_id").to_pylist()) == set(images.column("image_id").to_pylist())
+
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
