@@ -46,6 +46,7 @@ from audit.evidence.findings import (
     gate_failed,
     overall_verdict,
 )
+from audit.history import compare_runs, load_previous_summary, record_run
 from audit.metrics.regions import boxes_to_masks, downsample_maps, region_metrics
 from audit.models.layers import TargetLayer, describe_layer, find_target_layer
 from audit.models.loading import load_user_model
@@ -1156,6 +1157,10 @@ def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
     }
     summary = {
         "schema_version": 2,
+        "dataset": {
+            "data": str(Path(config.data).resolve()),
+            "manifest": str(Path(config.manifest).resolve()) if config.manifest else None,
+        },
         "verdict": verdict,
         "gate": {"fail_on": config.fail_on, "failed": gate_failed(verdict, config.fail_on)} if config.fail_on else None,
         "findings": [_json_safe(f) for f in findings],
@@ -1171,11 +1176,13 @@ def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
         "work": work,
         "versions": versions(),
     }
+    summary["changes"] = compare_runs(load_previous_summary(out), summary)
     summary_path = out / "summary.json"
     summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     summary_path.with_suffix(".json.tmp").replace(summary_path)
     content = build_report_content(p, summary, flatten(config))
     write_report(content, out / "index.html")
+    record_run(out, summary)
     log.info("verdict: %s; report: %s", verdict, out / "index.html")
     return summary
 

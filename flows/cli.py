@@ -1,4 +1,4 @@
-"""The ``audit`` command line: ``audit run``, ``audit demo``, ``audit sql``.
+"""The ``audit`` command line: ``audit run``, ``audit serve``, ``audit demo``, ``audit sql``.
 
 Exit codes: 0 done (gate passed or not set), 1 the release gate failed (``--fail-on``), 2 bad input or settings.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads starve shared CPUs
 
 import flows  # noqa: E402,F401  (Prefect settings before Prefect is imported)
-from audit.config import build_config  # noqa: E402
+from audit.config import AuditConfig, build_config  # noqa: E402
 from audit.errors import AuditError  # noqa: E402
 
 EXIT_OK, EXIT_GATE, EXIT_ERROR = 0, 1, 2
@@ -28,34 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the whole audit and write DIR/index.html, summary.json, audit.duckdb")
-    run.add_argument("--config", type=Path, help="TOML or YAML file with the settings (flags override it)")
-    run.add_argument("--data", type=Path, help="dataset root: class subfolders, or the root of --manifest's paths")
-    run.add_argument("--manifest", type=Path, help="CSV/Parquet with columns path, label (split, group optional)")
-    run.add_argument("--model", type=Path, help="checkpoint: a state dict (with --arch) or TorchScript")
-    run.add_argument("--arch", help="architecture of --model: a timm name or torchvision:<name>")
-    run.add_argument("--target-layer", help="module name of the saliency target layer (default: found automatically)")
-    run.add_argument("--methods", help="comma-separated saliency methods (default: gradcam; see README for the list)")
-    run.add_argument("--target", help="class each map explains: predicted (default), label, or a class name")
-    run.add_argument("--out", type=Path, help="output folder (default: reports/audit)")
-    run.add_argument("--fail-on", choices=["watch", "shortcut"], help="exit 1 when a finding reaches this level")
-    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    run.add_argument("--workers", type=int, help="shards processed at once (default 2)")
-    run.add_argument("--runner", choices=["threads", "dask"], help="task runner of the shard tasks (default threads)")
-    run.add_argument(
-        "--dask-address",
-        help="scheduler of an existing Dask cluster, tcp://host:8786 (implies --runner dask; default: a local cluster "
-        "of --workers processes)",
+    _add_audit_arguments(run, no_prefect=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the audit on a schedule as a Prefect deployment (needs `prefect server start` and PREFECT_API_URL)",
+        description="Serve the audit as a Prefect deployment that runs on a schedule, into the same --out folder "
+        "each time; each run is kept under OUT/runs/<UTC time>/ (OUT/runs/latest points at the newest) and its "
+        "report compares it with the previous run. Needs a Prefect server: `prefect server start`, then "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api. Stop with SIGTERM or Ctrl-C (this pauses the schedule).",
     )
-    run.add_argument("--shard-size", type=int, help="images per shard (default 256)")
-    run.add_argument("--batch-size", type=int, help="images per saliency batch (default 32)")
-    run.add_argument("--probe-epochs", type=int, help="epochs of the probe model (default 30)")
-    run.add_argument("--probe-size", type=int, help="input size of the probe model, px (default 160)")
-    run.add_argument("--user-boxes", type=Path, help="CSV of your own region boxes: path, kind, x0, y0, x1, y1")
-    run.add_argument("--user-masks", type=Path, help="folder of your own region masks: MASKS/<kind>/<image path>.png")
-    run.add_argument("--expected", help="a user region kind (e.g. lung) whose outside is reported as outside_<kind>")
-    run.add_argument("--no-region-cache", action="store_true", help="detect regions again even if cached")
-    run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
-    run.add_argument("--quiet", action="store_true", help="only warnings and the final line")
+    schedule = serve.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", help='cron expression, e.g. "0 2 * * *" (every night at 02:00)')
+    schedule.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument("--timezone", help="IANA time zone of the schedule, e.g. Europe/Berlin (default UTC)")
+    serve.add_argument("--name", default="scheduled-audit", help="deployment name (default scheduled-audit)")
+    _add_audit_arguments(serve, no_prefect=False)
 
     demo = commands.add_parser("demo", help="write the synthetic demo dataset with a planted shortcut")
     demo.add_argument("--out", type=Path, required=True)
@@ -84,7 +72,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _add_audit_arguments(parser: argparse.ArgumentParser, *, no_prefect: bool) -> None:
+    """The dataset, model and run settings shared by ``audit run`` and ``audit serve`` (``--no-prefect``: run only)."""
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with the settings (flags override it)")
+    parser.add_argument("--data", type=Path, help="dataset root: class subfolders, or the root of --manifest's paths")
+    parser.add_argument("--manifest", type=Path, help="CSV/Parquet with columns path, label (split, group optional)")
+    parser.add_argument("--model", type=Path, help="checkpoint: a state dict (with --arch) or TorchScript")
+    parser.add_argument("--arch", help="architecture of --model: a timm name or torchvision:<name>")
+    parser.add_argument(
+        "--target-layer", help="module name of the saliency target layer (default: found automatically)"
+    )
+    parser.add_argument(
+        "--methods", help="comma-separated saliency methods (default: gradcam; see README for the list)"
+    )
+    parser.add_argument("--target", help="class each map explains: predicted (default), label, or a class name")
+    parser.add_argument("--out", type=Path, help="output folder (default: reports/audit)")
+    parser.add_argument("--fail-on", choices=["watch", "shortcut"], help="exit 1 when a finding reaches this level")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--workers", type=int, help="shards processed at once (default 2)")
+    parser.add_argument(
+        "--runner", choices=["threads", "dask"], help="task runner of the shard tasks (default threads)"
+    )
+    parser.add_argument(
+        "--dask-address",
+        help="scheduler of an existing Dask cluster, tcp://host:8786 (implies --runner dask; default: a local cluster "
+        "of --workers processes)",
+    )
+    parser.add_argument("--shard-size", type=int, help="images per shard (default 256)")
+    parser.add_argument("--batch-size", type=int, help="images per saliency batch (default 32)")
+    parser.add_argument("--probe-epochs", type=int, help="epochs of the probe model (default 30)")
+    parser.add_argument("--probe-size", type=int, help="input size of the probe model, px (default 160)")
+    parser.add_argument("--user-boxes", type=Path, help="CSV of your own region boxes: path, kind, x0, y0, x1, y1")
+    parser.add_argument(
+        "--user-masks", type=Path, help="folder of your own region masks: MASKS/<kind>/<image path>.png"
+    )
+    parser.add_argument("--expected", help="a user region kind (e.g. lung) whose outside is reported as outside_<kind>")
+    parser.add_argument("--no-region-cache", action="store_true", help="detect regions again even if cached")
+    if no_prefect:
+        parser.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and the final line")
+
+
+def _audit_config(args: argparse.Namespace) -> AuditConfig:
+    """The audit settings of ``audit run`` / ``audit serve``: the --config file, overridden by the flags."""
     dask_address = args.dask_address or os.environ.get("AUDIT_DASK_ADDRESS") or None
     overrides = {
         "data": args.data,
@@ -110,14 +140,18 @@ def _run(args: argparse.Namespace) -> int:
         "regions.cache": False if args.no_region_cache else None,
     }
     if args.config is None and args.data is None:
-        raise AuditError("audit run needs --data DIR (or --config FILE that sets data)")
-    config = build_config(args.config, **overrides)
+        raise AuditError(f"audit {args.command} needs --data DIR (or --config FILE that sets data)")
+    return build_config(args.config, **overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _audit_config(args)
     if args.no_prefect and config.runner == "dask":
         raise AuditError("--runner dask runs through Prefect; drop --no-prefect (or use --runner threads)")
     if args.no_prefect:
         from audit.pipeline import run_pipeline
 
-        summary = run_pipeline(config)
+        summary = run_pipeline(config, progress=not args.quiet and sys.stderr.isatty())
     else:
         from flows.audit_flow import run_flow
 
@@ -132,6 +166,14 @@ def _run(args: argparse.Namespace) -> int:
     if gate and gate["failed"]:
         print(f"release gate FAILED: a finding reached '{gate['fail_on']}'", file=sys.stderr)
         return EXIT_GATE
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    config = _audit_config(args)
+    serve(config, cron=args.cron, interval=args.interval, name=args.name, timezone=args.timezone)
     return EXIT_OK
 
 
@@ -200,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("audit", "prefect"):
         logging.getLogger(name).setLevel(level)
     try:
-        commands = {"run": _run, "demo": _demo, "sql": _sql, "eval-regions": _eval_regions}
+        commands = {"run": _run, "serve": _serve, "demo": _demo, "sql": _sql, "eval-regions": _eval_regions}
         return commands[args.command](args)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -137,6 +137,8 @@ class ReportContent:
         settings: the run's configuration, flattened to str/number values.
         versions: package versions, python, device.
         clusters: the discovery step's clusters, suspicious first.
+        changes: what changed since the previous run of the same dataset (:func:`audit.history.compare_runs`),
+            or None (no previous run, or another dataset): the report then has no "Since the previous run" section.
     """
 
     title: str
@@ -151,6 +153,7 @@ class ReportContent:
     settings: dict[str, Any]
     versions: dict[str, Any]
     clusters: tuple[ClusterMap, ...] = ()
+    changes: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_verdict(self.verdict, "ReportContent.verdict")

@@ -221,6 +221,80 @@ def _errors_view(content: ReportContent) -> dict[str, Any]:
     return {"total": total, "rows": rows}
 
 
+# The "Since the previous run" section's per-finding table lists at most this many rows.
+MAX_CHANGE_ROWS = 50
+
+
+def _verdict_word(verdict: object) -> dict[str, Any]:
+    """A verdict for display: the word, and whether it is on the scale (only then is it coloured)."""
+    if verdict is None:
+        return {"word": "absent", "known": False}
+    return {"word": str(verdict), "known": verdict in VERDICTS}
+
+
+def _change_row(row: dict[str, Any]) -> dict[str, Any]:
+    before, now = row.get("before") or {}, row.get("now") or {}
+    group = row.get("group")
+    return {
+        "where": f"class {row.get('label', '?')}" + (f" (group {group})" if group is not None else ""),
+        "label": str(row.get("label", "")),
+        "group": "all" if group is None else str(group),
+        "region_kind": str(row.get("region_kind", "")),
+        "method": str(row.get("method", "")),
+        "before": _verdict_word(before.get("verdict") if row.get("before") is not None else None),
+        "now": _verdict_word(now.get("verdict") if row.get("now") is not None else None),
+        "enrichment": _arrow(format_number(before.get("enrichment"), 1), format_number(now.get("enrichment"), 1)),
+        "flip_rate": _arrow(format_percent(before.get("flip_rate"), 0), format_percent(now.get("flip_rate"), 0)),
+        "leakage_auc": _arrow(format_number(before.get("leakage_auc"), 2), format_number(now.get("leakage_auc"), 2)),
+    }
+
+
+def _arrow(before: str, now: str) -> str:
+    return now if before == now else f"{before} → {now}"
+
+
+def _trend_value(name: str, value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return format_number(value, digits=3) if "accuracy" in name else format_number(value)
+
+
+def _changes_view(changes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The "Since the previous run" section, or None when there is nothing to compare with."""
+    if not changes:
+        return None
+    previous = changes.get("previous") or {}
+    trend = [
+        {
+            "name": str(item.get("name", "")),
+            "before": _trend_value(str(item.get("name", "")), item.get("before")),
+            "now": _trend_value(str(item.get("name", "")), item.get("now")),
+        }
+        for item in changes.get("trend") or ()
+    ]
+    for item in trend:
+        item["changed"] = item["before"] != item["now"]
+
+    def above_none(side: object) -> bool:
+        return isinstance(side, dict) and side.get("verdict") in VERDICTS[1:]
+
+    rows = [r for r in changes.get("findings") or () if above_none(r.get("before")) or above_none(r.get("now"))]
+    return {
+        "recorded_at": str(previous.get("recorded_at") or "an unknown time"),
+        "folder": str(previous.get("id") or previous.get("folder") or ""),
+        "verdict": _verdict_word(previous.get("verdict")),
+        "new": [_change_row(r) for r in changes.get("new") or ()],
+        "resolved": [_change_row(r) for r in changes.get("resolved") or ()],
+        "verdict_changes": [_change_row(r) for r in changes.get("verdict_changes") or ()],
+        "trend": trend,
+        "rows": [_change_row(r) for r in rows[:MAX_CHANGE_ROWS]],
+        "rows_hidden": max(0, len(rows) - MAX_CHANGE_ROWS),
+        "rows_none": len(changes.get("findings") or ()) - len(rows),
+    }
+
+
 def render_report(content: ReportContent) -> str:
     """The report as an HTML string (see :func:`write_report`).
 
@@ -247,6 +321,7 @@ def render_report(content: ReportContent) -> str:
         "box_colours": [{"kind": kind, "colour": colour} for kind, colour in figures.BOX_COLOURS.items()],
         "gallery": [_gallery_view(item) for item in content.gallery],
         "clusters": [_cluster_view(cluster) for cluster in content.clusters],
+        "changes": _changes_view(content.changes),
         "errors": _errors_view(content),
         "max_errors": MAX_ERRORS_SHOWN,
         "settings": [(str(key), _plain(value)) for key, value in content.settings.items()],
