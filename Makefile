@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 DEMO_DATA := reports/demo-data
 DEMO_OUT := reports/demo
 
-.PHONY: all install audit audit-cxr test lint bench bench-quick eval-regions clean
+.PHONY: all install audit audit-cxr serve test lint bench bench-pipeline bench-quick eval-regions clean
 
 all: test
 
@@ -34,12 +34,25 @@ audit: $(STAMP)
 	$(BIN)/audit demo --out $(DEMO_DATA) --shortcut-rate 0.9 --n 600 --seed 0
 	$(BIN)/audit run --data $(DEMO_DATA) --out $(DEMO_OUT) $(AUDIT_ARGS)
 
+# The demo audit every night at 02:00 UTC as a Prefect deployment (README, "Scheduled audits"); stop it with Ctrl-C.
+# Schedules need a Prefect server: run `$(BIN)/prefect server start` in another terminal first, then
+# `make serve PREFECT_API_URL=http://127.0.0.1:4200/api` (or export PREFECT_API_URL). SERVE_CRON changes the time.
+SERVE_CRON ?= 0 2 * * *
+serve: $(STAMP)
+	$(BIN)/audit demo --out $(DEMO_DATA) --shortcut-rate 0.9 --n 600 --seed 0
+	$(BIN)/audit serve --cron "$(SERVE_CRON)" --name nightly-demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(SERVE_ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Saliency throughput ratios (README, "Benchmarks"); about 20 minutes on the 2-core CPU machine.
+# Saliency throughput ratios (README, "Benchmarks"); about 20 minutes on the 2-core CPU machine. Then the pipeline.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.saliency $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.pipeline $(BENCH_ARGS)
+
+# The whole audit against the saliency engine, its peak memory, resume and Dask (reports/bench/pipeline.json).
+bench-pipeline: $(STAMP)
+	$(BIN)/python -m benchmarks.pipeline $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.saliency --quick --rounds 2 $(BENCH_ARGS)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 import audit
@@ -59,7 +60,7 @@ from audit.regions.cache import RegionCache, default_cache_dir
 from audit.regions.user import UserRegions, load_user_regions
 from audit.saliency import SaliencyOptions, build_methods, explain, validate_methods
 from audit.store.catalog import build_catalog
-from audit.store.parquet import read_table, rows_to_table, write_part
+from audit.store.parquet import read_rows, read_table, rows_to_table, write_part
 from audit.store.schemas import TABLES
 from audit.store.state import (
     RunState,
@@ -75,6 +76,9 @@ from audit.store.state import (
 log = logging.getLogger("audit.pipeline")
 
 MEAN_IMAGE_SIZE = 64
+# Part of every stage fingerprint: raised when a stage's outputs change form, so that an output folder written by an
+# older version is computed again instead of being mixed with new outputs.
+OUTPUT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,6 +331,7 @@ def _ingest_key(p: Plan, shard: Shard, stats: list) -> str:
     detectors = [(name, DETECTORS.get(name).version) for name in p.config.regions.detectors]
     return fingerprint(
         "ingest",
+        OUTPUT_VERSION,
         [(e.path, e.label, e.split, e.group) for e in shard.entries],
         stats,
         detectors,
@@ -522,7 +527,10 @@ def detect_watermarks(p: Plan) -> dict:
         return {"regions": []}
     state = RunState(out)
     inputs_key = fingerprint(
-        "watermark", [(i, (state.read("ingest", f"{i:05d}") or {}).get("key")) for i in p.shard_ids], p.labels
+        "watermark",
+        OUTPUT_VERSION,
+        [(i, (state.read("ingest", f"{i:05d}") or {}).get("key")) for i in p.shard_ids],
+        p.labels,
     )
     previous = read_json(record_path)
     parts = [out / "tables" / "regions" / f"part-watermark-{i:05d}.parquet" for i in p.shard_ids]
@@ -731,6 +739,7 @@ def check_sanity(p: Plan, ref: ModelRef) -> list[dict]:
     first = f"{p.shard_ids[0]:05d}"
     key = fingerprint(
         "sanity",
+        OUTPUT_VERSION,
         ref.key,
         config.methods,
         config.saliency.model_dump(mode="json"),
@@ -812,6 +821,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     rates = counterfactual_rates(p)
     explain_key = fingerprint(
         "explain",
+        OUTPUT_VERSION,
         # The images (by content) and their labels, not the files' times: a touched but unchanged file is not
         # explained again.
         ingested.get("image_ids"),
@@ -868,6 +878,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     }
     map_cols: dict[str, list] = {k: [] for k in ("image_id", "method", "map_u8", "map_size", "map_scale", "raw_sum")}
     counterfactual_cols: dict[str, list] = {name: [] for name in TABLES["counterfactuals"].names}
+    map_sums = np.zeros((len(config.methods), len(p.labels), config.map_size, config.map_size), np.float64)
     options = SaliencyOptions(**config.saliency.model_dump())
     methods = [build_methods(config.methods, model, ref.target_layer, options) for model in models]
     inputs_all = torch.from_numpy(work["inputs"])
@@ -942,6 +953,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
                 attribution_cols["present"] += (~np.isnan(fields["area_fraction"])).reshape(-1).tolist()
                 for f, values in fields.items():
                     attribution_cols[f] += values.reshape(-1).tolist()
+                np.add.at(map_sums[config.methods.index(name)], labels[index], small.cpu().numpy() / 255.0)
                 map_cols["image_id"] += ids
                 map_cols["method"] += [name] * b
                 map_cols["map_u8"] += list(small.cpu().numpy().reshape(b, -1))
@@ -972,7 +984,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
         write_part(out, "attributions", rows_to_table("attributions", attribution_cols), key),
         write_part(out, "maps", rows_to_table("maps", map_cols), key),
         write_part(out, "counterfactuals", rows_to_table("counterfactuals", counterfactual_cols), key),
-        _write_mean_images(out, key, work["inputs"], labels, len(p.labels)),
+        _write_mean_images(out, key, work["inputs"], labels, len(p.labels), map_sums),
     ]
     state.mark("explain", key, explain_key, written, images=n)  # last: the shard is done only once all is written
     seconds = time.perf_counter() - start
@@ -1045,8 +1057,12 @@ def read_shard_regions(out: Path, key: str) -> list[dict]:
     return rows
 
 
-def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarray, num_labels: int) -> Path:
-    """Per-label sums of the images at a small size, so the report's mean image never needs all images at once."""
+def _write_mean_images(
+    out: Path, key: str, inputs: np.ndarray, labels: np.ndarray, num_labels: int, map_sums: np.ndarray
+) -> Path:
+    """Per-label sums of the images at a small size, and of the stored maps (``map_sums``: float64
+    [methods, labels, map_size, map_size], each map scaled to its own maximum), so the report's mean image and
+    mean saliency per class never need all images or maps at once."""
     sums = np.zeros((num_labels, MEAN_IMAGE_SIZE, MEAN_IMAGE_SIZE), np.float64)
     counts = np.zeros(num_labels, np.int64)
     if len(inputs):
@@ -1056,7 +1072,7 @@ def _write_mean_images(out: Path, key: str, inputs: np.ndarray, labels: np.ndarr
         np.add.at(sums, labels, small)
         counts = np.bincount(labels, minlength=num_labels)
     path = out / "work" / f"means-{key}.npz"
-    np.savez(path.with_suffix(".tmp.npz"), sums=sums, counts=counts)
+    np.savez(path.with_suffix(".tmp.npz"), sums=sums, counts=counts, map_sums=map_sums)
     path.with_suffix(".tmp.npz").replace(path)
     return path
 
@@ -1118,8 +1134,20 @@ def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
         cap_at_watch(findings, chance_sentence)
     clusters: list[dict] = []
     if config.discovery.enabled:
+        method = pc.field("method") == config.methods[0]
+
+        def read_maps(image_ids: list[str]) -> Any:
+            where = method & pc.field("image_id").isin(image_ids)
+            return read_rows(out, "maps", ["image_id", "map_u8", "map_size"], where)
+
         _, clusters = discovered_clusters(
-            _in_image_order(read_table(out, "maps"), "method"), attributions, images, regions, p.labels, config
+            _in_image_order(read_rows(out, "maps", ["image_id", "method"]), "method"),
+            read_maps,
+            attributions,
+            images,
+            regions,
+            p.labels,
+            config,
         )
     write_part(out, "clusters", rows_to_table("clusters", clusters), "00000")
     write_part(out, "findings", rows_to_table("findings", findings), "00000")

@@ -7,7 +7,7 @@ returns plain rows; :func:`audit.pipeline.summarise` writes them and hands them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +90,8 @@ def leakage_by_key(rows: Sequence[dict]) -> dict[Key, dict]:
 
 
 def discovered_clusters(
-    maps: pa.Table,
+    maps_index: pa.Table,
+    read_maps: Callable[[list[str]], pa.Table],
     attributions: pa.Table,
     images: pa.Table,
     regions: pa.Table,
@@ -99,26 +100,45 @@ def discovered_clusters(
 ) -> tuple[list[Cluster], list[dict]]:
     """SpRAy over the first method's stored maps, per explained class; returns the clusters and their table rows.
 
+    ``maps_index`` holds the ``image_id`` and ``method`` columns of ``maps`` only; ``read_maps(image_ids)`` returns
+    the first method's rows (``image_id``, ``map_u8``, ``map_size``) of those images. Only the images of the seeded
+    per-class sample (at most ``discovery.max_images`` per class, drawn as :func:`discover` draws it) are read, so
+    memory does not grow with the dataset.
+
     ``class_names`` are in the model's output order (the audit's labels), so a target index names its class.
 
     With an expected region (``regions.expected``, e.g. lungs), its boxes, rasterised at the map size, are the
     expected content of each image.
     """
     method = config.methods[0]
-    maps = maps.filter(pa.compute.equal(maps.column("method"), method))
-    if maps.num_rows == 0:
+    index = maps_index.filter(pa.compute.equal(maps_index.column("method"), method))
+    if index.num_rows == 0:
         return [], []
-    size = int(maps.column("map_size")[0].as_py())
-    image_ids = [str(i) for i in _column(maps, "image_id")]
-    stack = np.stack(_column(maps, "map_u8")).reshape(-1, size, size)
+    all_ids = [str(i) for i in _column(index, "image_id")]
     label_of = dict(zip(_column(images, "image_id"), _column(images, "label_index"), strict=True))
-    labels = np.array([int(label_of[i]) for i in image_ids], dtype=np.int64)
+    all_labels = np.array([int(label_of[i]) for i in all_ids], dtype=np.int64)
     # The explained class per image: every region kind's row of an image carries the same target. An image without
     # attribution rows (no region kind configured) is clustered under its label.
     first = attributions.filter(pa.compute.equal(attributions.column("method"), method))
     target_of = dict(zip(_column(first, "image_id"), _column(first, "target"), strict=False))
-    targets = np.array([int(target_of.get(i, labels[k])) for k, i in enumerate(image_ids)], dtype=np.int64)
+    all_targets = np.array([int(target_of.get(i, all_labels[k])) for k, i in enumerate(all_ids)], dtype=np.int64)
     classes = list(class_names)
+    keep = []
+    for class_index in range(len(classes)):
+        in_class = np.flatnonzero(all_targets == class_index)
+        if in_class.size > config.discovery.max_images:  # the same draw as discover() makes
+            rng = np.random.default_rng((config.findings.seed, class_index))
+            in_class = np.sort(rng.choice(in_class, size=config.discovery.max_images, replace=False))
+        keep.append(in_class)
+    chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+    image_ids = [all_ids[i] for i in chosen]
+    labels, targets = all_labels[chosen], all_targets[chosen]
+    found = read_maps(image_ids)
+    position = {image_id: k for k, image_id in enumerate(_column(found, "image_id"))}
+    order = np.array([position[i] for i in image_ids], dtype=np.int64)
+    size = int(found.column("map_size")[0].as_py()) if found.num_rows else config.map_size
+    flat = found.column("map_u8").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    stack = flat.reshape(-1, size, size)[order] if found.num_rows else np.zeros((0, size, size), np.uint8)
     expected = _expected_masks(regions, images, image_ids, size, config.regions.expected)
     clusters = discover(
         stack,

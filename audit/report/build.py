@@ -27,7 +27,7 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
     out = p.config.out
     con = duckdb.connect(str(out / CATALOG_NAME), read_only=True)
     try:
-        class_maps = _class_maps(con, p)
+        class_maps = _class_maps(p)
         clusters = _clusters(con, p)
         gallery = _gallery(con, p, summary["findings"])
         errors = [
@@ -71,27 +71,31 @@ def _mean_images(p: Plan) -> dict[str, np.ndarray]:
     }
 
 
-def _class_maps(con: duckdb.DuckDBPyConnection, p: Plan) -> list[ClassMap]:
-    """Mean of the per-image maps, each scaled to its own maximum (so every image counts equally), per class."""
+def _class_maps(p: Plan) -> list[ClassMap]:
+    """Mean of the per-image maps, each scaled to its own maximum (so every image counts equally), per class,
+    from the per-shard sums written by the explain stage (no map is read)."""
     means = _mean_images(p)
+    sums, counts = None, None
+    for index in p.shard_ids:
+        path = p.config.out / "work" / f"means-{index:05d}.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as data:
+            sums = data["map_sums"] if sums is None else sums + data["map_sums"]
+            counts = data["counts"] if counts is None else counts + data["counts"]
     out = []
-    for method in p.config.methods:
-        for label in p.labels:
-            rows = con.execute(
-                "SELECT m.map_u8, m.map_size FROM maps m JOIN images i USING (image_id) "
-                "WHERE i.label = ? AND m.method = ?",
-                [label, method],
-            ).fetchall()
-            if not rows:
+    if sums is None:
+        return out
+    for m, method in enumerate(p.config.methods):
+        for i, label in enumerate(p.labels):
+            if counts[i] == 0:
                 continue
-            size = rows[0][1]
-            stack = np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, size, size) / 255.0
             out.append(
                 ClassMap(
                     label=label,
                     method=method,
-                    n_images=len(rows),
-                    mean_saliency=stack.mean(0),
+                    n_images=int(counts[i]),
+                    mean_saliency=(sums[m, i] / counts[i]).astype(np.float32),
                     mean_image=means.get(label),
                 )
             )
@@ -106,7 +110,12 @@ def _clusters(con: duckdb.DuckDBPyConnection, p: Plan) -> list[ClusterMap]:
                   mean_map_u8, map_size, examples
            FROM clusters ORDER BY suspicious DESC, label, cluster"""
     ).fetchall()
-    path_of = dict(con.execute("SELECT image_id, path FROM images").fetchall()) if rows else {}
+    examples = sorted({i for row in rows for i in (row[-1] or [])})
+    path_of = (
+        dict(con.execute("SELECT image_id, path FROM images WHERE list_contains(?, image_id)", [examples]).fetchall())
+        if examples
+        else {}
+    )
     out = []
     for label, method, index, size, share, purity, px, py, concentration, suspicious, reason, u8, side, ex in rows:
         out.append(

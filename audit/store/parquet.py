@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from audit.store.schemas import TABLES
@@ -49,3 +50,19 @@ def read_table(out: Path, table: str) -> pa.Table:
     if not parts:
         return TABLES[table].empty_table()
     return pa.concat_tables([pq.read_table(p).cast(TABLES[table]) for p in parts])
+
+
+def read_rows(
+    out: Path, table: str, columns: Sequence[str] | None = None, where: ds.Expression | None = None
+) -> pa.Table:
+    """Some columns and rows of ``table``, read without loading the rest (Parquet column projection and row-group
+    statistics), for large tables such as ``maps``."""
+    directory = table_dir(out, table)
+    parts = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
+    schema = TABLES[table]
+    if not parts:
+        empty = schema.empty_table()
+        return empty.select(list(columns)) if columns is not None else empty
+    return ds.dataset(parts, schema=schema, format="parquet").to_table(
+        columns=list(columns) if columns is not None else None, filter=where
+    )
