@@ -76,9 +76,12 @@ class PrefectRunner:
 
 
 @flow(name="shortcut-audit", log_prints=True)
-def audit_flow(config: AuditConfig) -> dict:
-    """Audit one dataset (and model) for shortcut learning; returns the summary written to ``OUT/summary.json``."""
-    return run_pipeline(config, PrefectRunner())
+def audit_flow(config: AuditConfig, progress: bool = False) -> dict:
+    """Audit one dataset (and model) for shortcut learning; returns the summary written to ``OUT/summary.json``.
+
+    ``progress``: draw the progress bar on this process's terminal (the command line sets it).
+    """
+    return run_pipeline(config, PrefectRunner(), progress=progress)
 
 
 def local_cluster_kwargs(config: AuditConfig) -> dict[str, Any]:
@@ -109,18 +112,18 @@ def task_runner(config: AuditConfig) -> TaskRunner:
     return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(config))
 
 
-def run_flow(config: AuditConfig) -> dict:
+def run_flow(config: AuditConfig, progress: bool = False) -> dict:
     """Run :func:`audit_flow` with the task runner of ``config`` (see :func:`task_runner`)."""
     configured = audit_flow.with_options(task_runner=task_runner(config))
     if config.runner != "dask":
-        return configured(config)  # one process: Prefect's own temporary server (if any) is shared anyway
+        return configured(config, progress)  # one process: Prefect's own temporary server (if any) is shared anyway
     from flows.prefect_api import ensure_api
 
     # Dask workers run in their own working directory (another machine's, for an existing cluster).
     config = absolute_paths(config)
     with ensure_api() as api_url, _environ_restored():
         _warn_if_unreachable(config.dask_address, api_url)
-        return configured(config)
+        return configured(config, progress)
 
 
 def _warn_if_unreachable(dask_address: str | None, api_url: str | None) -> None:

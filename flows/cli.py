@@ -148,14 +148,15 @@ def _run(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     if args.no_prefect and config.runner == "dask":
         raise AuditError("--runner dask runs through Prefect; drop --no-prefect (or use --runner threads)")
+    progress = not args.quiet and sys.stderr.isatty()  # on a terminal; logs and pipes get per-shard lines
     if args.no_prefect:
         from audit.pipeline import run_pipeline
 
-        summary = run_pipeline(config, progress=not args.quiet and sys.stderr.isatty())
+        summary = run_pipeline(config, progress=progress)
     else:
         from flows.audit_flow import run_flow
 
-        summary = run_flow(config)
+        summary = run_flow(config, progress)
     counts = summary["counts"]
     print(
         f"verdict: {summary['verdict']}  ({counts['images']} images, {counts['errors']} errors, "

@@ -60,6 +60,9 @@ class AttributionColumns:
     group: np.ndarray | None = None  # object [R], None entries allowed
 
 
+BOOTSTRAP_CELLS = 1 << 20  # resampled values per chunk (8 MB of float64)
+
+
 def bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95% percentile bootstrap interval of Σ numerator / Σ denominator, resampling rows with replacement.
 
@@ -68,9 +71,15 @@ def bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray, n_boot: int,
     """
     rng = np.random.default_rng(seed)
     n = len(numerator)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    sums_num = numerator[idx].sum(1)
-    sums_den = denominator[idx].sum(1)
+    sums_num, sums_den = np.empty(n_boot), np.empty(n_boot)
+    # Resamples in chunks of about BOOTSTRAP_CELLS draws, so memory does not grow with the number of images (the
+    # draws are the same as one [n_boot, n] draw: the generator fills rows in order).
+    step = max(1, BOOTSTRAP_CELLS // max(n, 1))
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        sums_num[start:stop] = numerator[idx].sum(1)
+        sums_den[start:stop] = denominator[idx].sum(1)
     ratios = sums_num / np.maximum(sums_den, np.finfo(np.float64).tiny)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)

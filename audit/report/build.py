@@ -55,17 +55,25 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
     )
 
 
-def _mean_images(p: Plan) -> dict[str, np.ndarray]:
-    sums, counts = None, None
+def _shard_sums(p: Plan) -> dict[str, np.ndarray]:
+    """The explain stage's per-shard sums (``work/means-<shard>.npz``: image ``sums``, ``map_sums``, ``counts``),
+    added over the shards; empty when no shard wrote any."""
+    total: dict[str, np.ndarray] = {}
     for index in p.shard_ids:
         path = p.config.out / "work" / f"means-{index:05d}.npz"
         if not path.exists():
             continue
         with np.load(path) as data:
-            sums = data["sums"] if sums is None else sums + data["sums"]
-            counts = data["counts"] if counts is None else counts + data["counts"]
-    if sums is None:
+            for name in ("sums", "map_sums", "counts"):
+                total[name] = data[name] + total[name] if name in total else data[name]
+    return total
+
+
+def _mean_images(p: Plan) -> dict[str, np.ndarray]:
+    total = _shard_sums(p)
+    if not total:
         return {}
+    sums, counts = total["sums"], total["counts"]
     return {
         label: (sums[i] / counts[i]).clip(0, 255).astype(np.uint8) for i, label in enumerate(p.labels) if counts[i] > 0
     }
@@ -75,14 +83,8 @@ def _class_maps(p: Plan) -> list[ClassMap]:
     """Mean of the per-image maps, each scaled to its own maximum (so every image counts equally), per class,
     from the per-shard sums written by the explain stage (no map is read)."""
     means = _mean_images(p)
-    sums, counts = None, None
-    for index in p.shard_ids:
-        path = p.config.out / "work" / f"means-{index:05d}.npz"
-        if not path.exists():
-            continue
-        with np.load(path) as data:
-            sums = data["map_sums"] if sums is None else sums + data["map_sums"]
-            counts = data["counts"] if counts is None else counts + data["counts"]
+    total = _shard_sums(p)
+    sums, counts = total.get("map_sums"), total.get("counts")
     out = []
     if sums is None:
         return out
