@@ -617,26 +617,19 @@ def main() -> int:
     }
     start = time.perf_counter()
     try:
-        if "throughput" in sections:
-            print("1. throughput", flush=True)
-            try:
-                throughput_section(args, tmp, results)
+        planned = [
+            ("throughput", "1. throughput", lambda: throughput_section(args, tmp, results)),
+            ("memory", "2-3. memory and re-run", lambda: memory_sections(args, tmp, results)),
+            ("dask", "4. dask", lambda: results.__setitem__("dask", dask_section(args, tmp))),
+        ]
+        for key, title, run in planned:
+            if key not in sections:
+                continue
+            print(title, flush=True)
+            try:  # one section's failure loses no other figure
+                run()
             except Exception as exc:
-                results.setdefault("throughput", {})["error"] = error_string(exc)
-                print(f"  failed: {exc}", flush=True)
-        if "memory" in sections:
-            print("2-3. memory and re-run", flush=True)
-            try:
-                memory_sections(args, tmp, results)
-            except Exception as exc:
-                results.setdefault("memory", {})["error"] = error_string(exc)
-                print(f"  failed: {exc}", flush=True)
-        if "dask" in sections:
-            print("4. dask", flush=True)
-            try:
-                results["dask"] = dask_section(args, tmp)
-            except Exception as exc:
-                results["dask"] = {"error": error_string(exc)}
+                results.setdefault(key, {})["error"] = error_string(exc)
                 print(f"  failed: {exc}", flush=True)
     finally:
         results["load_average_after"] = os.getloadavg()
