@@ -590,15 +590,10 @@ def detect_watermarks(p: Plan) -> dict:
     return record
 
 
-def _load_work(out: Path, shard: int) -> dict[str, np.ndarray]:
+def _load_work(out: Path, shard: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A shard's work file, or only ``fields`` of it (an ``.npz`` reads each array only when asked)."""
     with np.load(_work_file(out, shard), allow_pickle=True) as data:  # our own file, written by ingest_shard
-        return {k: data[k] for k in data.files}
-
-
-def _load_work_fields(out: Path, shard: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
-    """Some arrays of a shard's work file (an ``.npz`` reads each array only when asked)."""
-    with np.load(_work_file(out, shard), allow_pickle=True) as data:
-        return {k: data[k] for k in fields}
+        return {k: data[k] for k in (data.files if fields is None else fields)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -640,7 +635,7 @@ def _probe_sample(p: Plan) -> list[tuple[int, np.ndarray]]:
     config = p.config
     ranks, where = [], []
     for index in p.shard_ids:
-        ids = _load_work_fields(config.out, index, ("image_id",))["image_id"]
+        ids = _load_work(config.out, index, ("image_id",))["image_id"]
         ranks.append(np.array([int(key_hash(f"{config.probe.seed}:{i}"), 16) for i in ids], dtype=np.uint64))
         where.append(np.stack([np.full(len(ids), index), np.arange(len(ids))], 1) if len(ids) else np.zeros((0, 2)))
     rank = np.concatenate(ranks) if ranks else np.zeros(0, np.uint64)
