@@ -54,6 +54,14 @@ class ModelConfig(_Strict):
     image_size: int | None = Field(
         None, ge=16, le=2048, description="input size; taken from timm's pretrained config if empty"
     )
+    outputs: dict[str, int] | None = Field(
+        None,
+        description="label → the model's output index; empty = the labels in sorted order are outputs 0, 1, ...",
+    )
+    num_outputs: int | None = Field(
+        None, ge=1, le=100000, description="the model's output count when it differs from the label count"
+    )
+    multilabel: bool = Field(False, description="the outputs are independent sigmoid logits (one per finding)")
 
 
 class RegionConfig(_Strict):
@@ -153,6 +161,10 @@ class AuditConfig(_Strict):
 
     data: Path
     manifest: Path | None = None
+    finding_columns: tuple[str, ...] = Field(
+        (), description="multi-label manifest: the findings to audit, one binary audit each (OUT/<finding>/)"
+    )
+    finding: str | None = Field(None, description="the one finding this run audits (set per run from finding_columns)")
     out: Path = Path("reports/audit")
     methods: tuple[str, ...] = ("gradcam",)
     target: str = Field("predicted", description="class each map explains: 'predicted', 'label', or a class name")

@@ -15,6 +15,9 @@ figure):
 3. ``rerun``: the smaller audit again into the same folder: every shard must be reused.
 4. ``dask``: a tiny audit through ``run_flow`` on a local Dask cluster and through ``run_pipeline`` in-process;
    every table compared.
+5. ``decode``: :func:`audit.data.decode.read_image` on the real CR radiograph in ``../shared/data/cxr-real``
+   (DICOM, JPEG 2000, 15-bit, 1955 × 1841) against the same pixels stored as 16-bit PNG, 8-bit PNG and JPEG,
+   rounds interleaved: milliseconds per image and the ratio to the 8-bit PNG.
 
 Writes ``reports/bench/pipeline.json`` and prints a table. Usage::
 
@@ -493,6 +496,57 @@ def dask_section(args: argparse.Namespace, tmp: Path) -> dict:
 # Output
 
 
+RG1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-real" / "dicom" / "RG1_J2KI.dcm"
+
+
+def decode_section(rounds: int) -> dict:
+    """Decode time per image of one radiograph in four encodings (see the module docstring, section 5)."""
+    import io as _io
+
+    import pydicom
+    from PIL import Image
+
+    from audit.data.decode import read_image
+
+    if not RG1.is_file():
+        return {"error": f"{RG1} not found (the cxr-real data sits beside the project)"}
+    dicom = RG1.read_bytes()
+    stored = pydicom.dcmread(_io.BytesIO(dicom)).pixel_array  # uint16 as stored
+    shown = read_image(dicom, "RG1").pixels
+
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        buffer = _io.BytesIO()
+        image.save(buffer, fmt)
+        return buffer.getvalue()
+
+    files = {
+        "DICOM JPEG 2000 15-bit": dicom,
+        "PNG 16-bit": encoded(Image.fromarray(stored.astype(np.uint16)), "PNG"),
+        "PNG 8-bit": encoded(Image.fromarray(shown), "PNG"),
+        "JPEG 8-bit": encoded(Image.fromarray(shown), "JPEG"),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in files}
+    for _ in range(rounds):
+        for name, data in files.items():  # interleaved, so each encoding sees the same machine load
+            start = time.perf_counter()
+            read_image(data, name)
+            seconds[name].append(time.perf_counter() - start)
+    base = float(np.median(seconds["PNG 8-bit"]))
+    return {
+        "shape": list(shown.shape),
+        "rounds": rounds,
+        "rows": [
+            {
+                "encoding": name,
+                "bytes": len(files[name]),
+                "ms": 1000 * float(np.median(t)),
+                "ratio": float(np.median(t)) / base,
+            }
+            for name, t in seconds.items()
+        ],
+    }
+
+
 def short_error(value: Any) -> str:
     return str(value).strip().splitlines()[0][:150] if value else ""
 
@@ -572,6 +626,14 @@ def print_tables(results: dict) -> None:
             print(f"  {table:16s} {'identical' if entry['identical'] else 'DIFFERENT'}{extra}")
         if dask.get("error"):
             print(f"  error: {short_error(dask['error'])}")
+    decode = results.get("decode")
+    if decode:
+        print("\n5. Decoding one radiograph (read_image, median of interleaved rounds):")
+        if decode.get("error"):
+            print(f"  error: {short_error(decode['error'])}")
+        for row in decode.get("rows", []):
+            size, ms, ratio = row["bytes"], row["ms"], row["ratio"]
+            print(f"  {row['encoding']:24s} {size:>10,d} bytes {ms:8.1f} ms  {ratio:5.1f}× PNG 8-bit")
 
 
 def main() -> int:
@@ -584,7 +646,7 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=None, help="throughput shard size (default 256; --quick: 32)")
     parser.add_argument("--workers", default="2,1", help="worker counts of the throughput runs, comma-separated")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed for each subprocess")
-    parser.add_argument("--sections", default="throughput,memory,dask", help="sections to run, comma-separated")
+    parser.add_argument("--sections", default="throughput,memory,dask,decode", help="sections to run, comma-separated")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--out", type=Path, default=Path("reports/bench/pipeline.json"))
     # Unknown options are ignored, so that ``make bench BENCH_ARGS=...`` can pass the saliency benchmark's own
@@ -599,8 +661,9 @@ def main() -> int:
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     args.memory_sizes = (200, 2000) if args.quick else (2000, 20000)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if sections - {"throughput", "memory", "dask"}:
-        parser.error(f"unknown section(s) {sorted(sections - {'throughput', 'memory', 'dask'})}")
+    known = {"throughput", "memory", "dask", "decode"}
+    if sections - known:
+        parser.error(f"unknown section(s) {sorted(sections - known)}; known: {', '.join(sorted(known))}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Expected of a model with random weights, once per run: not worth a line in the benchmark's output.
     logging.getLogger("audit.pipeline").addFilter(
@@ -621,6 +684,7 @@ def main() -> int:
             ("throughput", "1. throughput", lambda: throughput_section(args, tmp, results)),
             ("memory", "2-3. memory and re-run", lambda: memory_sections(args, tmp, results)),
             ("dask", "4. dask", lambda: results.__setitem__("dask", dask_section(args, tmp))),
+            ("decode", "5. decode", lambda: results.__setitem__("decode", decode_section(5 if args.quick else 15))),
         ]
         for key, title, run in planned:
             if key not in sections:

@@ -76,7 +76,21 @@ def _add_audit_arguments(parser: argparse.ArgumentParser, *, no_prefect: bool) -
     """The dataset, model and run settings shared by ``audit run`` and ``audit serve`` (``--no-prefect``: run only)."""
     parser.add_argument("--config", type=Path, help="TOML or YAML file with the settings (flags override it)")
     parser.add_argument("--data", type=Path, help="dataset root: class subfolders, or the root of --manifest's paths")
-    parser.add_argument("--manifest", type=Path, help="CSV/Parquet with columns path, label (split, group optional)")
+    parser.add_argument(
+        "--manifest", type=Path, help="CSV/Parquet with columns path, label (split, group, patient_id optional)"
+    )
+    parser.add_argument(
+        "--findings",
+        help="multi-label manifest: comma-separated findings (its 0/1 columns) to audit, each as its own binary audit",
+    )
+    parser.add_argument(
+        "--outputs",
+        help="which model output is which label: 'label=index,...' (default: sorted labels are outputs 0, 1, ...)",
+    )
+    parser.add_argument("--num-outputs", type=int, help="the model's output count, when it differs from the labels'")
+    parser.add_argument(
+        "--multilabel", action="store_true", help="the model's outputs are independent sigmoid logits, one per finding"
+    )
     parser.add_argument("--model", type=Path, help="checkpoint: a state dict (with --arch) or TorchScript")
     parser.add_argument("--arch", help="architecture of --model: a timm name or torchvision:<name>")
     parser.add_argument(
@@ -122,6 +136,10 @@ def _audit_config(args: argparse.Namespace) -> AuditConfig:
         "model.path": args.model,
         "model.arch": args.arch,
         "model.target_layer": args.target_layer,
+        "model.outputs": _parse_outputs(args.outputs) if args.outputs else None,
+        "model.num_outputs": args.num_outputs,
+        "model.multilabel": True if args.multilabel else None,
+        "finding_columns": [f.strip() for f in args.findings.split(",") if f.strip()] if args.findings else None,
         "methods": args.methods,
         "target": args.target,
         "out": args.out,
@@ -144,6 +162,17 @@ def _audit_config(args: argparse.Namespace) -> AuditConfig:
     return build_config(args.config, **overrides)
 
 
+def _parse_outputs(text: str) -> dict[str, int]:
+    """``"covid=1,normal=0"`` → ``{"covid": 1, "normal": 0}`` (a label may contain spaces, not ``=`` or ``,``)."""
+    mapping: dict[str, int] = {}
+    for item in text.split(","):
+        label, sep, index = item.rpartition("=")
+        if not sep or not label.strip() or not index.strip().isdigit():
+            raise AuditError(f"--outputs: expected 'label=index,...' with whole-number indices, found {item!r}")
+        mapping[label.strip()] = int(index)
+    return mapping
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     if args.no_prefect and config.runner == "dask":
@@ -152,11 +181,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_prefect:
         from audit.pipeline import run_pipeline
 
-        summary = run_pipeline(config, progress=progress)
+        def run_one(settings: AuditConfig) -> dict:
+            return run_pipeline(settings, progress=progress)
     else:
         from flows.audit_flow import run_flow
 
-        summary = run_flow(config, progress)
+        def run_one(settings: AuditConfig) -> dict:
+            return run_flow(settings, progress)
+
+    if config.finding_columns:
+        from audit.multilabel import run_findings
+
+        summary = run_findings(config, run_one)
+        for row in summary["findings"]:
+            print(f"finding {row['finding']}: {row['verdict']}  ({row['images']} images, {row['errors']} errors)")
+    else:
+        summary = run_one(config)
     counts = summary["counts"]
     print(
         f"verdict: {summary['verdict']}  ({counts['images']} images, {counts['errors']} errors, "
@@ -174,6 +214,11 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
     config = _audit_config(args)
+    if config.finding_columns:
+        raise AuditError(
+            "audit serve does not take --findings yet; serve one deployment per finding, each with a manifest "
+            "of path and label (the finding's 0/1 column as the label)"
+        )
     serve(config, cron=args.cron, interval=args.interval, name=args.name, timezone=args.timezone)
     return EXIT_OK
 

@@ -76,6 +76,7 @@ def leakage_rows(
         labels,
         classes,
         groups=groups if any(g is not None for g in groups) else None,
+        cv_groups=_fold_keys(images),
         auc_bar=config.findings.leakage_auc_bar,
         min_images=max(10, config.findings.min_images),
         folds=config.findings.leakage_folds,
@@ -83,6 +84,15 @@ def leakage_rows(
         seed=config.findings.seed,
     )
     return [{**row, "label": row.get("class", row.get("label"))} for row in rows]
+
+
+def _fold_keys(images: pa.Table) -> np.ndarray | None:
+    """The ids kept in one cross-validation fold: the patient when the manifest names one (a patient's images
+    look alike, so splitting them would leak), else None."""
+    if "patient_id" not in images.column_names:
+        return None
+    patients = _column(images, "patient_id")
+    return patients if any(p is not None for p in patients) else None
 
 
 def leakage_by_key(rows: Sequence[dict]) -> dict[Key, dict]:

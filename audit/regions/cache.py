@@ -2,17 +2,28 @@
 
 Results are keyed by (detector name, detector version, ``image_id``), where ``image_id`` is the hash of the
 image's bytes: a renamed copy hits the cache, an edited image misses it, and a new detector version invalidates
-everything it found before. Each shard's new results are one Parquet part written atomically (temporary name,
-then ``os.replace``), so concurrent shards and audits can share one cache folder. An image with no detection is
-stored as one row with ``found = false``, so "nothing found" is remembered too.
+everything it found before. An image with no detection is stored as one row with ``found = false``, so "nothing
+found" is remembered too.
 
 The default folder is ``$XDG_CACHE_HOME/shortcut-audit/regions`` (``~/.cache/...``), shared by every audit of the
-machine, so a second audit of the same data with another model reuses the first one's regions.
+machine, so a second audit of the same data with another model reuses the first one's regions. Many writers
+(the shards of one audit, several audits at once) and readers share it safely:
+
+* each :meth:`RegionCache.store` writes one new part under a name no other writer uses (a random one), first to a
+  temporary name that lookups never list, flushed to disk, then moved into place with ``os.replace``; parts are
+  never rewritten, so a reader sees a part whole or not at all and no writer can lose another's entries;
+* two writers that missed the same image at once both store it: a lookup takes each image's detections from one
+  part only, so they are never doubled;
+* a part that cannot be read (removed while listed, or damaged on disk) is skipped with a warning: its images are
+  misses and are detected again. A failed store is a warning too: the cache only saves time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +33,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from audit.regions.base import Detection
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -35,6 +48,8 @@ SCHEMA = pa.schema(
         ("score", pa.float64()),  # exact round trip of the detector's score
     ]
 )
+# Temporary parts older than this were left by a writer that was killed (writing one takes milliseconds).
+ABANDONED_AFTER_SECONDS = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -70,20 +85,46 @@ class RegionCache:
         if not parts or not image_ids:
             return {}
         wanted = pa.array(sorted(set(image_ids)), pa.string())
-        table = ds.dataset(parts, schema=SCHEMA, format="parquet").to_table(filter=ds.field("image_id").isin(wanted))
-        out: dict[str, list[Detection]] = {}
-        for row in table.to_pylist():
-            found = out.setdefault(row["image_id"], [])
-            if row["found"]:
-                found.append(
+        rows = self._read(parts, wanted)
+        # Each image from one part only (the first by name): two writers that missed it at once both stored it.
+        source: dict[str, str] = {}
+        for row in rows:
+            first = source.setdefault(row["image_id"], row["part"])
+            if row["part"] < first:
+                source[row["image_id"]] = row["part"]
+        out: dict[str, list[Detection]] = {image_id: [] for image_id in source}
+        for row in rows:
+            if row["found"] and row["part"] == source[row["image_id"]]:
+                out[row["image_id"]].append(
                     Detection(row["kind"], row["x0"], row["y0"], row["x1"], row["y1"], row["score"], detector, version)
                 )
         return out
 
-    def store(self, detector: str, version: str, results: Mapping[str, Sequence[Detection]]) -> None:
-        """Add the detections of newly processed images (``image_id`` → its detections, possibly none)."""
+    @staticmethod
+    def _read(parts: list[Path], wanted: pa.Array) -> list[dict]:
+        """The rows of ``wanted`` images in ``parts`` (in part order, each part's rows in stored order), each with
+        its part's name; all parts at once, or part by part, skipping unreadable ones, when that fails."""
+        where = ds.field("image_id").isin(wanted)
+        try:
+            return _rows(ds.dataset(parts, schema=SCHEMA, format="parquet"), where)
+        except (OSError, pa.ArrowException):
+            pass
+        rows: list[dict] = []
+        for part in parts:
+            try:
+                rows.extend(_rows(ds.dataset([part], schema=SCHEMA, format="parquet"), where))
+            except (OSError, pa.ArrowException) as exc:
+                log.warning("skipping unreadable region cache part %s (its images are detected again): %s", part, exc)
+        return rows
+
+    def store(self, detector: str, version: str, results: Mapping[str, Sequence[Detection]]) -> bool:
+        """Add the detections of newly processed images (``image_id`` → its detections, possibly none).
+
+        Returns whether they were stored; a failure (a full disk, a folder that is not writable) is logged and
+        the audit goes on without caching them.
+        """
         if not results:
-            return
+            return True
         rows = []
         for image_id in sorted(results):  # sorted: row-group statistics let lookups skip parts
             detections = results[image_id]
@@ -102,9 +143,39 @@ class RegionCache:
                         "score": d.score,
                     }
                 )
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
         folder = self._folder(detector, version)
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{uuid.uuid4().hex}"
-        temporary = folder / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), temporary, compression="zstd")
-        os.replace(temporary, folder / f"{name}.parquet")
+        temporary = folder / f".{name}.tmp"  # not part-*.parquet: lookups never list it
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned(folder)
+            pq.write_table(table, temporary, compression="zstd")
+            with open(temporary, "rb+") as handle:  # on disk before its name makes it visible
+                os.fsync(handle.fileno())
+            os.replace(temporary, folder / f"{name}.parquet")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            log.warning("could not store %d detections in the region cache %s: %s", len(results), folder, exc)
+            return False
+        return True
+
+
+def _rows(dataset: ds.Dataset, where: ds.Expression) -> list[dict]:
+    table = dataset.to_table(filter=where, columns=[*SCHEMA.names, "__filename"])
+    rows = table.to_pylist()
+    for row in rows:
+        row["part"] = Path(row.pop("__filename")).name
+    return rows
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Temporary parts of writers that were killed (old enough that no live writer can still own them)."""
+    cutoff = time.time() - ABANDONED_AFTER_SECONDS
+    for path in folder.glob(".part-*.tmp"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # removed by another writer meanwhile
+            pass

@@ -29,11 +29,11 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from audit.data.decode import decode_image
+from audit.data.decode import read_image
 from audit.data.manifest import safe_join
 from audit.errors import DataError
 from audit.regions.base import DETECTORS, Box, Detection, match_boxes, to_gray
@@ -180,14 +180,16 @@ def evaluate_regions(
     total_ms = 0.0
     detector_ms = dict.fromkeys(names, 0.0)
     for truth, full in zip(truths, files, strict=True):
-        image = decode_image(full.read_bytes(), truth.path)
+        decoded = read_image(full.read_bytes(), truth.path)
+        image = decoded.pixels
         found: list[Detection] = []
         ms: dict[str, float] = {}
         start = time.perf_counter()
         gray = to_gray(image)
         for name, detector in zip(names, instances, strict=True):
             tick = time.perf_counter()
-            found.extend(detector.detect(gray))
+            # The truth boxes are in the file's pixels; an image larger than MAX_SIDE was downscaled for detection.
+            found.extend(_unscaled(d, decoded.scale) for d in detector.detect(gray))
             ms[name] = (time.perf_counter() - tick) * 1000.0
             detector_ms[name] += ms[name]
         total_ms += (time.perf_counter() - start) * 1000.0
@@ -237,6 +239,13 @@ def evaluate_regions(
         "ms_per_image": {name: detector_ms[name] / n_images for name in names} | {"total": total_ms / n_images},
         "images": images,
     }
+
+
+def _unscaled(d: Detection, scale: float) -> Detection:
+    """A detection on a downscaled image, in the file's pixels."""
+    if scale == 1.0:
+        return d
+    return replace(d, x0=int(d.x0 / scale), y0=int(d.y0 / scale), x1=round(d.x1 / scale), y1=round(d.y1 / scale))
 
 
 def _detection_record(detection: Detection) -> dict[str, Any]:

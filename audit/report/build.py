@@ -36,6 +36,7 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
                 f"SELECT path, stage, message FROM errors ORDER BY path LIMIT {ERRORS_SHOWN}"
             ).fetchall()
         ]
+        by_stage = dict(con.execute("SELECT stage, count(*) FROM errors GROUP BY stage ORDER BY stage").fetchall())
     finally:
         con.close()
     return ReportContent(
@@ -52,6 +53,8 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         versions=summary["versions"],
         clusters=tuple(clusters),
         changes=summary.get("changes"),
+        errors_by_stage=by_stage,
+        burned_in=summary.get("burned_in_annotation") or [],
     )
 
 

@@ -7,7 +7,7 @@ in small frozen dataclasses means the report can be rendered from a test (or a n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -139,6 +139,9 @@ class ReportContent:
         clusters: the discovery step's clusters, suspicious first.
         changes: what changed since the previous run of the same dataset (:func:`audit.history.compare_runs`),
             or None (no previous run, or another dataset): the report then has no "Since the previous run" section.
+        errors_by_stage: error count per stage (manifest, read, decode, ingest, regions, ...).
+        burned_in: per class, DICOM's Burned In Annotation flag against the detectors
+            (:func:`audit.evidence.header.burned_in_by_class`); empty without DICOM images.
     """
 
     title: str
@@ -154,6 +157,8 @@ class ReportContent:
     versions: dict[str, Any]
     clusters: tuple[ClusterMap, ...] = ()
     changes: dict[str, Any] | None = None
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+    burned_in: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_verdict(self.verdict, "ReportContent.verdict")

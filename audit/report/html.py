@@ -218,7 +218,26 @@ def _errors_view(content: ReportContent) -> dict[str, Any]:
         {"path": str(row.get("path", "")), "stage": str(row.get("stage", "")), "message": str(row.get("message", ""))}
         for row in content.errors[:MAX_ERRORS_SHOWN]
     ]
-    return {"total": total, "rows": rows}
+    stages = ", ".join(f"{n} at {stage}" for stage, n in content.errors_by_stage.items())
+    return {"total": total, "rows": rows, "stages": stages}
+
+
+def _burned_in_view(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "label": str(row["label"]),
+            "n_dicom": _count(row["n_dicom"]),
+            "yes": _count(row["flag_yes"]),
+            "no": _count(row["flag_no"]),
+            "absent": _count(row["flag_absent"]),
+            "yes_rate": format_percent(row["yes_rate"]),
+            "yes_rate_other": format_percent(row["yes_rate_other"]),
+            "yes_detected": _count(row["yes_detected"]),
+            "no_detected": _count(row["no_detected"]),
+            "note": str(row.get("note") or ""),
+        }
+        for row in rows
+    ]
 
 
 # The "Since the previous run" section's per-finding table lists at most this many rows.
@@ -323,6 +342,7 @@ def render_report(content: ReportContent) -> str:
         "clusters": [_cluster_view(cluster) for cluster in content.clusters],
         "changes": _changes_view(content.changes),
         "errors": _errors_view(content),
+        "burned_in": _burned_in_view(content.burned_in),
         "max_errors": MAX_ERRORS_SHOWN,
         "settings": [(str(key), _plain(value)) for key, value in content.settings.items()],
         "versions": [(str(key), _plain(value)) for key, value in content.versions.items()],

@@ -16,7 +16,7 @@ IMAGES = pa.schema(
         ("label_index", pa.int32()),
         ("split", pa.string()),
         ("group", pa.string()),
-        ("width", pa.int32()),
+        ("width", pa.int32()),  # the audited pixels (regions' coordinates); at most 4096 on the long side
         ("height", pa.int32()),
         ("channels", pa.int8()),
         ("fold", pa.int32()),  # the cross-fitting fold whose model scored the image (probe), else -1
@@ -26,6 +26,16 @@ IMAGES = pa.schema(
         ("label_probability", pa.float32()),  # softmax probability of the true label
         ("correct", pa.bool_()),
         ("shard", pa.int32()),
+        # Added in 0.3 (README, "Supported inputs"): where the pixels came from.
+        ("patient_id", pa.string()),  # the manifest's patient id (cross-fitting folds keep a patient together)
+        ("original_width", pa.int32()),  # the file's size; larger than width/height when downscaled
+        ("original_height", pa.int32()),
+        ("format", pa.string()),  # read from the content: PNG, JPEG, TIFF, DICOM, ...
+        ("bits", pa.int16()),  # bits per sample in the file (DICOM: Bits Stored)
+        ("modality", pa.string()),  # DICOM Modality (CR, DX, ...); NULL for other formats
+        ("pixel_spacing_x_mm", pa.float32()),  # DICOM Pixel Spacing of the audited pixels; NULL when unknown
+        ("pixel_spacing_y_mm", pa.float32()),
+        ("burned_in_annotation", pa.bool_()),  # DICOM Burned In Annotation (0028,0301); NULL when absent
     ]
 )
 

@@ -114,8 +114,8 @@ class RunState:
 # Shards that survive a growing dataset
 
 
-def entry_key(entry: ManifestEntry) -> tuple[str, str, str | None, str | None]:
-    return (entry.path, entry.label, entry.split, entry.group)
+def entry_key(entry: ManifestEntry) -> tuple[str, str, str | None, str | None, str | None]:
+    return (entry.path, entry.label, entry.split, entry.group, entry.patient_id)
 
 
 def assign_shards(
@@ -127,8 +127,8 @@ def assign_shards(
 
     Args:
         entries: the manifest's entries, in manifest order.
-        previous: the previous plan's shards, each a list of ``[path, label, split, group]`` (index = position;
-            ``None`` marks a shard index that is no longer used), or None for a first run.
+        previous: the previous plan's shards, each a list of ``[path, label, split, group, patient_id]`` (index =
+            position; ``None`` marks a shard index that is no longer used), or None for a first run.
         shard_size: images per new shard.
 
     Returns:

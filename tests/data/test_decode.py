@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audit.data.decode import MIN_SIDE, content_hash, decode_image
+from audit.data.decode import MAX_SIDE, MIN_SIDE, content_hash, decode_image, read_image
 from audit.errors import DecodeError
 
 RNG = np.random.default_rng(0)
@@ -158,3 +158,83 @@ def test_content_hash_stable_and_distinct() -> None:
     assert content_hash(b"a") != content_hash(b"b")
     # Known value: the image identity must not change between versions (it keys the region cache).
     assert content_hash(b"") == "cae66941d9efbd404e4d88758ea67670"
+
+
+def test_cmyk_jpeg_colours_converted() -> None:
+    red = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
+    decoded = read_image(_encode(red, "JPEG", quality=95), "red.jpg")
+    assert decoded.format == "JPEG"
+    r, g, b = decoded.pixels[16, 16].astype(int)
+    assert r > 230 and g < 30 and b < 30
+
+
+def test_palette_with_colours_stays_rgb() -> None:
+    pixels = np.zeros((20, 20, 3), np.uint8)
+    pixels[:, 10:] = (0, 0, 255)
+    image = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    decoded = decode_image(_encode(image))
+    assert decoded.shape == (20, 20, 3)
+    assert tuple(decoded[5, 15]) == (0, 0, 255) and tuple(decoded[5, 2]) == (0, 0, 0)
+
+
+def test_16_bit_facts_recorded() -> None:
+    decoded = read_image(_encode(Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50)))
+    assert (decoded.format, decoded.bits, decoded.original_width, decoded.original_height) == ("PNG", 16, 40, 30)
+    assert decoded.scale == 1.0
+
+
+def test_large_image_downscaled_to_the_long_side_limit() -> None:
+    pixels = np.zeros((300, 6000), np.uint8)
+    pixels[:, 3000:] = 200  # right half bright
+    decoded = read_image(_encode(Image.fromarray(pixels)), "wide.png")
+    assert decoded.pixels.shape == (round(300 * MAX_SIDE / 6000), MAX_SIDE)
+    assert (decoded.original_width, decoded.original_height) == (6000, 300)
+    assert decoded.scale == pytest.approx(MAX_SIDE / 6000)
+    # Content keeps its place: the bright half is still the right half.
+    assert decoded.pixels[:, : MAX_SIDE // 2 - 2].max() == 0 and decoded.pixels[:, MAX_SIDE // 2 + 2 :].min() == 200
+
+
+def test_large_jpeg_decoded_at_reduced_scale() -> None:
+    image = Image.new("L", (5000, 4000), 90)
+    decoded = read_image(_encode(image, "JPEG"), "big.jpg")
+    assert max(decoded.pixels.shape) == MAX_SIDE
+    assert (decoded.original_width, decoded.original_height) == (5000, 4000)
+    assert abs(int(decoded.pixels.mean()) - 90) <= 2
+
+
+def test_exif_rotation_reports_the_displayed_size() -> None:
+    image = Image.new("RGB", (40, 20), (10, 200, 30))
+    exif = image.getexif()
+    exif[0x0112] = 8
+    decoded = read_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    assert decoded.pixels.shape[:2] == (40, 20)
+    assert (decoded.original_width, decoded.original_height) == (20, 40)
+
+
+def test_header_claiming_too_many_pixels_refused_before_decoding() -> None:
+    data = bytearray(_encode(Image.new("L", (32, 32)), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2
+    with pytest.raises(DecodeError, match="decompression-bomb protection"):
+        decode_image(bytes(data), "bomb.jpg")
+
+
+def test_float_image_with_nan_windowed() -> None:
+    values = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    values[0, 0] = np.nan
+    decoded = decode_image(_encode(Image.fromarray(values), "TIFF"))
+    assert decoded.dtype == np.uint8 and decoded.max() == 255 and decoded[0, 0] == 0
+
+
+def test_user_boxes_follow_a_downscaled_image() -> None:
+    from audit.pipeline import _scaled
+    from audit.regions.base import Detection
+
+    box = Detection("marker", 4000, 100, 4600, 300, 1.0, "user-boxes", "1")
+    scale = MAX_SIDE / 6000
+    scaled = _scaled(box, scale)
+    assert (scaled.x0, scaled.y0) == (int(4000 * scale), int(100 * scale))
+    assert (scaled.x1, scaled.y1) == (round(4600 * scale), round(300 * scale))
+    assert _scaled(box, 1.0) is box
+    tiny = _scaled(Detection("dot", 10, 10, 11, 11, 1.0, "user-boxes", "1"), 0.1)
+    assert tiny.x1 > tiny.x0 and tiny.y1 > tiny.y0  # a box never vanishes

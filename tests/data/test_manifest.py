@@ -134,13 +134,16 @@ def test_missing_manifest_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["../x.png", "a/../../x.png", "/etc/passwd", "..\\x.png"])
-def test_manifest_path_leaving_root_refused(tmp_path: Path, bad: str) -> None:
+def test_manifest_path_leaving_root_refused_and_listed(tmp_path: Path, bad: str) -> None:
     root = tmp_path / "data"
     root.mkdir()
     csv = tmp_path / "manifest.csv"
-    csv.write_text(f"path,label\nok.png,0\n{bad},1\n")
-    with pytest.raises(DataError, match="dataset root"):
-        build_manifest(root, csv)
+    csv.write_text(f"path,label\nok.png,0\n{bad},1\nfine.png,1\n")
+    manifest = build_manifest(root, csv)
+    # The row is refused, with the reason, and the other rows stay in the dataset.
+    assert [e.path for e in manifest.entries] == ["ok.png", "fine.png"]
+    assert [path for path, _ in manifest.refused] == [bad]
+    assert "dataset root" in manifest.refused[0][1]
 
 
 def test_manifest_symlink_leaving_root_refused(tmp_path: Path) -> None:
@@ -149,9 +152,74 @@ def test_manifest_symlink_leaving_root_refused(tmp_path: Path) -> None:
     secret = _touch(tmp_path / "outside" / "secret.png")
     os.symlink(secret, root / "link.png")
     csv = tmp_path / "manifest.csv"
-    csv.write_text("path,label\nok.png,0\nlink.png,1\n")
-    with pytest.raises(DataError, match="outside the dataset root"):
-        build_manifest(root, csv)
+    csv.write_text("path,label\nok.png,0\nlink.png,1\nb.png,1\n")
+    manifest = build_manifest(root, csv)
+    assert [e.path for e in manifest.entries] == ["ok.png", "b.png"]
+    assert manifest.refused[0][0] == "link.png"
+    assert "outside the dataset root" in manifest.refused[0][1]
+
+
+def test_manifest_whose_every_path_is_refused(tmp_path: Path) -> None:
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("path,label\n../a.png,0\n../b.png,1\n")
+    with pytest.raises(DataError, match="every path .* was refused"):
+        build_manifest(tmp_path / ".", csv)
+
+
+def test_patient_id_column(tmp_path: Path) -> None:
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("path,label,patient_id\na.png,x,007\nb.png,y,\n")
+    manifest = build_manifest(tmp_path, csv)
+    assert [e.patient_id for e in manifest.entries] == ["007", None]
+
+
+def test_chexpert_style_finding_columns(tmp_path: Path) -> None:
+    # CheXpert: one column per finding, 1 / 0 / -1 (uncertain) / blank (not mentioned).
+    csv = tmp_path / "train.csv"
+    csv.write_text(
+        "Path,Sex,Age,Cardiomegaly,Pleural Effusion\n"
+        "p1/a.jpg,F,60,1.0,0.0\n"
+        "p1/b.jpg,F,60,0.0,-1.0\n"
+        "p2/c.jpg,M,70,-1.0,1.0\n"
+        "p3/d.jpg,M,50,,1.0\n"
+    )
+    cardio = build_manifest(tmp_path, csv, finding="Cardiomegaly")
+    assert [(e.path, e.label) for e in cardio.entries] == [
+        ("p1/a.jpg", "Cardiomegaly"),
+        ("p1/b.jpg", "no Cardiomegaly"),
+    ]
+    assert cardio.labels == ("Cardiomegaly", "no Cardiomegaly")
+    effusion = build_manifest(tmp_path, csv, finding="Pleural Effusion")
+    assert [e.label for e in effusion.entries] == ["no Pleural Effusion", "Pleural Effusion", "Pleural Effusion"]
+
+
+def test_chestxray14_style_joined_labels(tmp_path: Path) -> None:
+    csv = tmp_path / "Data_Entry_2017.csv"
+    csv.write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID\n"
+        "00000001_000.png,Cardiomegaly,0,1\n"
+        "00000001_001.png,Cardiomegaly|Emphysema,1,1\n"
+        "00000002_000.png,No Finding,0,2\n"
+    )
+    manifest = build_manifest(tmp_path, csv, finding="Emphysema")
+    assert [e.label for e in manifest.entries] == ["no Emphysema", "Emphysema", "no Emphysema"]
+    assert [e.patient_id for e in manifest.entries] == ["1", "1", "2"]
+    # Without a finding, the joined labels are the labels as written.
+    assert "Cardiomegaly|Emphysema" in build_manifest(tmp_path, csv).labels
+
+
+def test_unknown_finding_and_bad_values_named(tmp_path: Path) -> None:
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,Edema\na.png,1\nb.png,maybe\n")
+    with pytest.raises(DataError, match=r"row 3.*'maybe'.*expected"):
+        build_manifest(tmp_path, csv, finding="Edema")
+    with pytest.raises(DataError, match="no column 'Mass'"):
+        build_manifest(tmp_path, csv, finding="Mass")
+
+
+def test_finding_needs_a_manifest(folder: Path) -> None:
+    with pytest.raises(DataError, match="--finding"):
+        build_manifest(folder, finding="pneumonia")
 
 
 def test_safe_join_inside_root(tmp_path: Path) -> None:
@@ -163,11 +231,9 @@ def test_safe_join_inside_root(tmp_path: Path) -> None:
 def test_folder_symlink_leaving_root_not_listed(folder: Path, tmp_path: Path) -> None:
     secret = _touch(tmp_path / "outside" / "secret.png")
     os.symlink(secret, folder / "normal" / "link.png")
-    try:
-        paths = [e.path for e in build_manifest(folder).entries]
-    except DataError:
-        return  # refusing the dataset is acceptable too
-    assert "normal/link.png" not in paths
+    manifest = build_manifest(folder)
+    assert "normal/link.png" not in [e.path for e in manifest.entries]
+    assert [path for path, _ in manifest.refused] == ["normal/link.png"]
 
 
 def test_missing_data_dir(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from audit.errors import ModelError
-from audit.models.loading import create_architecture, load_user_model
+from audit.models.loading import create_architecture, load_user_model, resolve_outputs
 
 jit_warnings = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 
@@ -185,3 +185,53 @@ def test_torchscript_wrong_num_classes(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(_tiny_conv(5)), str(path))
     with pytest.raises(ModelError, match="classes"):
         load_user_model(path, None, num_classes=2)
+
+
+def test_outputs_mapping_reorders_and_selects(tmp_path: Path, resnet: nn.Module, example: torch.Tensor) -> None:
+    # A 5-output model whose outputs 3 and 1 are the dataset's "covid" and "normal".
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    path = tmp_path / "five.pt"
+    torch.save(model.state_dict(), path)
+    outputs = resolve_outputs(["covid", "normal"], {"normal": 1, "covid": 3}, num_outputs=5)
+    loaded, _ = load_user_model(path, "resnet18", outputs)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(example), model(example)[:, [3, 1]], rtol=0, atol=0)
+    # Module names are unchanged (a hook, not a wrapper): target layers and the sanity check still find them.
+    assert "layer4" in dict(loaded.named_modules())
+
+
+@jit_warnings
+def test_multilabel_finding_becomes_a_binary_softmax_equal_to_its_sigmoid(
+    tmp_path: Path, example: torch.Tensor
+) -> None:
+    original = _tiny_conv(3)
+    path = tmp_path / "multilabel.pt"
+    torch.jit.save(torch.jit.script(original), str(path))
+    labels = ("Effusion", "no Effusion")
+    outputs = resolve_outputs(labels, {"Edema": 0, "Effusion": 2}, None, multilabel=True, finding="Effusion")
+    assert outputs.indices == (2, -1) and outputs.num_outputs == 3
+    loaded, _ = load_user_model(path, None, outputs)
+    with torch.no_grad():
+        probability = torch.softmax(loaded(example), dim=1)[:, labels.index("Effusion")]
+        torch.testing.assert_close(probability, torch.sigmoid(original(example)[:, 2]))
+
+
+@pytest.mark.parametrize(
+    ("mapping", "num_outputs", "fragment"),
+    [
+        ({"covid": 0}, 2, r"missing \['normal'\]"),
+        ({"covid": 0, "normal": 1, "flu": 2}, 3, r"not in the dataset \['flu'\]"),
+        ({"covid": 0, "normal": 0}, 2, "two labels to one output"),
+        ({"covid": 0, "normal": 7}, 4, r"0\.\.3"),
+        (None, 4, "--outputs"),
+    ],
+)
+def test_outputs_mapping_validated(mapping: dict | None, num_outputs: int, fragment: str) -> None:
+    with pytest.raises(ModelError, match=fragment):
+        resolve_outputs(["covid", "normal"], mapping, num_outputs)
+
+
+def test_multilabel_needs_the_findings_output() -> None:
+    with pytest.raises(ModelError, match="one finding at a time"):
+        resolve_outputs(["Edema", "no Edema"], {"Effusion": 1}, 3, multilabel=True, finding="Edema")
