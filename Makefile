@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 DEMO_DATA := reports/demo-data
 DEMO_OUT := reports/demo
 
-.PHONY: all install audit audit-cxr serve test lint bench bench-pipeline bench-quick eval-regions clean
+.PHONY: all install browser audit audit-cxr serve test lint bench bench-pipeline bench-report bench-quick eval-regions clean
 
 all: test
 
@@ -42,7 +42,16 @@ serve: $(STAMP)
 	$(BIN)/audit demo --out $(DEMO_DATA) --shortcut-rate 0.9 --n 600 --seed 0
 	$(BIN)/audit serve --cron "$(SERVE_CRON)" --name nightly-demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(SERVE_ARGS)
 
-test: $(STAMP)
+# Debian's Chromium for the report's browser test (tests/report/test_browser.py). Installed with apt-get where this
+# runs as root on Debian; anywhere else the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium is not installed (apt-get install chromium): the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # Saliency throughput ratios (README, "Benchmarks"); about 20 minutes on the 2-core CPU machine. Then the pipeline.
@@ -53,6 +62,10 @@ bench: $(STAMP)
 # The whole audit against the saliency engine, its peak memory, resume and Dask (reports/bench/pipeline.json).
 bench-pipeline: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline $(BENCH_ARGS)
+
+# The report of a 2,000-image demo audit: size against the budget, render time in Chromium, docs/report.png.
+bench-report: $(STAMP) browser
+	$(BIN)/python -m benchmarks.report $(BENCH_REPORT_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.saliency --quick --rounds 2 $(BENCH_ARGS)

@@ -187,7 +187,9 @@ class AuditConfig(_Strict):
         None, description="scheduler address of an existing Dask cluster (tcp://host:8786); empty = a local cluster"
     )
     map_size: int = Field(32, ge=8, le=128, description="side of the downsampled saliency maps stored per image")
-    gallery_size: int = Field(12, ge=0, le=200)
+    gallery_size: int = Field(
+        24, ge=0, le=200, description="gallery images per suspicious region kind (the report's size grows with it)"
+    )
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from audit.pipeline import Plan
 
 DISPLAY_SIZE = 256
+COUNTERFACTUAL_FIELDS = ("fill", "prob_clean", "prob_removed", "prob_control", "flip_removed", "flip_control")
 ERRORS_SHOWN = 100
 
 
@@ -53,9 +54,28 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         versions=summary["versions"],
         clusters=tuple(clusters),
         changes=summary.get("changes"),
+        audited=_audited(p, summary),
         errors_by_stage=by_stage,
         burned_in=summary.get("burned_in_annotation") or [],
     )
+
+
+def _audited(p: Plan, summary: dict) -> dict[str, str]:
+    """The facts a reader checks first: which data, which model settings, how long, which versions."""
+    dataset = summary.get("dataset") or {}
+    versions = summary.get("versions") or {}
+    facts = {"dataset": str(dataset.get("data") or p.config.data)}
+    if dataset.get("manifest"):
+        facts["manifest"] = str(dataset["manifest"])
+    if p.config.finding:
+        facts["finding"] = p.config.finding
+    facts["labels"] = ", ".join(p.labels)
+    facts["methods"] = ", ".join(p.config.methods)
+    facts["region kinds"] = ", ".join(p.region_kinds)
+    if summary.get("duration_seconds") is not None:
+        facts["duration"] = f"{float(summary['duration_seconds']):,.0f} s"
+    facts["versions"] = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("shortcut-audit", "torch", "python"))
+    return facts
 
 
 def _shard_sums(p: Plan) -> dict[str, np.ndarray]:
@@ -156,7 +176,8 @@ def _gallery(con: duckdb.DuckDBPyConnection, p: Plan, findings: list[dict]) -> l
         score = (VERDICT_LEVELS[f["verdict"]], f["enrichment"] or 0.0)
         severity[f["region_kind"]] = max(severity.get(f["region_kind"], (0, 0.0)), score)
     kinds = sorted(severity, key=severity.__getitem__, reverse=True)
-    per_kind = max(1, budget // max(len(kinds), 1))
+    per_kind = budget  # images per region kind: the report's size stays bounded whatever the dataset's size
+    fill = p.config.counterfactual.fills[0] if p.config.counterfactual.fills else None
     items: list[GalleryItem] = []
     for kind in kinds:
         rows = con.execute(
@@ -188,6 +209,12 @@ def _gallery(con: duckdb.DuckDBPyConnection, p: Plan, findings: list[dict]) -> l
                 ).fetchall()
             ]
             saliency = np.array(map_u8, dtype=np.float32).reshape(map_size, map_size) / 255.0
+            test = con.execute(
+                """SELECT fill, prob_clean, prob_removed, prob_control, flip_removed, flip_control
+                   FROM counterfactuals WHERE image_id = ? AND region_kind = ? AND fill = ?""",
+                [image_id, kind, fill],
+            ).fetchone()
+            counterfactual = dict(zip(COUNTERFACTUAL_FIELDS, test, strict=True)) if test else None
             items.append(
                 GalleryItem(
                     image_id=image_id,
@@ -202,6 +229,7 @@ def _gallery(con: duckdb.DuckDBPyConnection, p: Plan, findings: list[dict]) -> l
                     image=shown,
                     saliency=saliency,
                     boxes=boxes,
+                    counterfactual=counterfactual,
                 )
             )
     return items

@@ -51,6 +51,9 @@ class GalleryItem:
         image: uint8 [H, W] (gray) or [H, W, 3] (RGB), at display size (<= 256 px; larger is downsized).
         saliency: float32 [h, w] in [0, 1], any size; resized to the image for the overlay.
         boxes: ``(kind, x0, y0, x1, y1)`` in ``image`` pixel coordinates, x1/y1 exclusive.
+        counterfactual: the dependence test on this image and region kind (keys ``fill``, ``prob_clean``,
+            ``prob_removed``, ``prob_control``, ``flip_removed``, ``flip_control``), or None when the image was not
+            in the test's sample.
     """
 
     image_id: str
@@ -65,6 +68,7 @@ class GalleryItem:
     image: np.ndarray
     saliency: np.ndarray
     boxes: list[tuple[str, int, int, int, int]]
+    counterfactual: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,6 +143,8 @@ class ReportContent:
         clusters: the discovery step's clusters, suspicious first.
         changes: what changed since the previous run of the same dataset (:func:`audit.history.compare_runs`),
             or None (no previous run, or another dataset): the report then has no "Since the previous run" section.
+        audited: what was audited, shown first under "What was audited": dataset, manifest, methods, duration,
+            versions (name → display string).
         errors_by_stage: error count per stage (manifest, read, decode, ingest, regions, ...).
         burned_in: per class, DICOM's Burned In Annotation flag against the detectors
             (:func:`audit.evidence.header.burned_in_by_class`); empty without DICOM images.
@@ -157,6 +163,7 @@ class ReportContent:
     versions: dict[str, Any]
     clusters: tuple[ClusterMap, ...] = ()
     changes: dict[str, Any] | None = None
+    audited: dict[str, str] = field(default_factory=dict)
     errors_by_stage: dict[str, int] = field(default_factory=dict)
     burned_in: list[dict[str, Any]] = field(default_factory=list)
 

@@ -19,6 +19,7 @@ from audit.errors import ShapeError
 
 # Longest side of any figure in the page, in pixels.
 MAX_SIDE = 256
+JPEG_QUALITY = 85
 # Saliency maps are often tiny (7x7 for a CAM); without an image to match they are scaled up to this longest side.
 DEFAULT_MAP_SIDE = 192
 COLORMAP = cv2.COLORMAP_VIRIDIS
@@ -114,9 +115,18 @@ def encode_png(image_bgr: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def to_data_uri(png: bytes) -> str:
-    """A ``data:image/png;base64,...`` URI for PNG bytes, to embed in an ``<img src>``."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def encode_jpeg(image_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG bytes of a uint8 [H, W] or [H, W, 3] (BGR) array: for photographs and overlays, a fifth of a PNG's size."""
+    ok, buffer = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ShapeError("jpeg image", "uint8 [H, W] or [H, W, 3]", (image_bgr.dtype, tuple(image_bgr.shape)))
+    return buffer.tobytes()
+
+
+def to_data_uri(data: bytes) -> str:
+    """A ``data:image/png;base64,...`` (or ``image/jpeg``, told by the bytes) URI, to embed in an ``<img src>``."""
+    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def colour_map(saliency: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -194,6 +204,27 @@ def overlay_png(
     Returns:
         PNG bytes of a BGR image [h, w, 3] with ``(h, w) = fit_shape(H, W)``.
     """
+    return encode_png(_overlay(image, saliency, boxes, alpha))
+
+
+def overlay_jpeg(
+    image: np.ndarray,
+    saliency: np.ndarray,
+    boxes: Sequence[tuple[str, int, int, int, int]] = (),
+    alpha: float = 0.7,
+) -> bytes:
+    """:func:`overlay_png` as JPEG (the gallery's many images stay within the report's size budget)."""
+    return encode_jpeg(_overlay(image, saliency, boxes, alpha))
+
+
+def boxed_jpeg(image: np.ndarray, boxes: Sequence[tuple[str, int, int, int, int]] = ()) -> bytes:
+    """The image as it is, with its region boxes drawn, as JPEG of BGR [h, w, 3], ``(h, w) = fit_shape(H, W)``."""
+    return encode_jpeg(_overlay(image, np.zeros((1, 1), np.float32), boxes, 0.0))
+
+
+def _overlay(
+    image: np.ndarray, saliency: np.ndarray, boxes: Sequence[tuple[str, int, int, int, int]], alpha: float
+) -> np.ndarray:
     bgr = to_bgr(image)
     source_height, source_width = bgr.shape[:2]
     height, width = fit_shape(source_height, source_width)
@@ -213,7 +244,7 @@ def overlay_png(
         right = int(np.clip(round(x1 * scale_x) - 1, left, width - 1))
         bottom = int(np.clip(round(y1 * scale_y) - 1, top, height - 1))
         cv2.rectangle(canvas, (left, top), (right, bottom), _bgr(box_colour(kind)), thickness)
-    return encode_png(canvas)
+    return canvas
 
 
 def colourbar_png(width: int = 192, height: int = 12) -> bytes:

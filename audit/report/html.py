@@ -1,20 +1,27 @@
 """Render :class:`~audit.report.content.ReportContent` to one self-contained HTML page.
 
-Everything the page needs is inside the file: CSS in a ``<style>`` element, figures as PNG data URIs, no
-script and no external URL, so the page can be attached to a ticket or opened offline. Jinja2 autoescaping is
-on: labels, paths, messages and settings come from the user's data and are never trusted as markup.
+Everything the page needs is inside the file: CSS in a ``<style>`` element, figures as PNG/JPEG data URIs, one
+inline script (``templates/report.js``: sorting and filtering the findings, paging the gallery, opening an image)
+and no external URL, so the page can be attached to a ticket or opened offline. A Content-Security-Policy allows
+only that script (by its hash) and data-URI images: even a string that escaped escaping could neither run nor
+fetch anything. Jinja2 autoescaping is on: labels, paths, messages and settings come from the user's data and are
+never trusted as markup.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import numbers
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from audit import __version__
 from audit.report import figures
@@ -32,6 +39,11 @@ from audit.report.content import (
     format_percent,
 )
 
+# The report's size budget at the default settings (README, "The report"): held by tests/report/test_report_size.py
+# for the largest content the defaults allow, and measured on a 2,000-image demo by `make bench-report`.
+SIZE_BUDGET_BYTES = 8_000_000
+# Gallery images per page of a region kind (the page script shows one page at a time; print shows all).
+GALLERY_PAGE = 8
 # The page lists at most this many errors; the full list is in the `errors` table of audit.duckdb.
 MAX_ERRORS_SHOWN = 100
 # Below this held-out accuracy the probe is too weak for a "none" verdict to mean anything.
@@ -108,7 +120,30 @@ def _finding_view(row: dict[str, Any]) -> dict[str, str]:
         "presence_rate_other": format_percent(row.get("presence_rate_other"), digits=0),
         "verdict": row["verdict"],
         "reason": str(row.get("reason") or ""),
+        # Raw values for sorting in the page (data-sort): numbers, or "" where missing (sorted last).
+        "sort": {
+            key: _sort_key(row.get(field))
+            for key, field in (
+                ("n_images", "n_images"),
+                ("mass_fraction", "mean_mass_fraction"),
+                ("area_fraction", "mean_area_fraction"),
+                ("enrichment", "enrichment"),
+                ("ci", "ci_low"),
+                ("pointing_hit_rate", "pointing_hit_rate"),
+                ("flips", "flip_difference"),
+                ("effect", "effect_difference"),
+                ("leakage_auc", "leakage_auc"),
+                ("presence_rate", "presence_rate"),
+                ("presence_rate_other", "presence_rate_other"),
+            )
+        }
+        | {"verdict": str(VERDICTS.index(row["verdict"])), "evidence": str(int(row.get("evidence") or 0))},
     }
+
+
+def _sort_key(value: object) -> str:
+    number = as_number(value)
+    return "" if number is None else repr(float(number))
 
 
 def _pair(value: object, control: object) -> str:
@@ -118,11 +153,12 @@ def _pair(value: object, control: object) -> str:
     return f"{format_percent(value, 0)} vs {format_percent(control, 0)}"
 
 
-def _image_view(png: bytes, alt: str) -> dict[str, Any]:
-    """An <img>'s attributes: data URI, alt text and its size (read back from the PNG header)."""
-    # PNG IHDR: width and height are big-endian 32-bit integers at bytes 16..24.
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    return {"src": figures.to_data_uri(png), "alt": alt, "width": width, "height": height}
+def _image_view(data: bytes, alt: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """An <img>'s attributes: data URI, alt text and its (width, height), read back from a PNG's header when not
+    given."""
+    if size is None:  # PNG IHDR: width and height are big-endian 32-bit integers at bytes 16..24.
+        size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+    return {"src": figures.to_data_uri(data), "alt": alt, "width": size[0], "height": size[1]}
 
 
 def _class_map_view(class_map: ClassMap) -> dict[str, Any]:
@@ -173,13 +209,19 @@ def _cluster_view(cluster: ClusterMap) -> dict[str, Any]:
 def _gallery_view(item: GalleryItem) -> dict[str, Any]:
     kinds = sorted({box[0] for box in item.boxes})
     boxes_text = f"; boxes mark {', '.join(kinds)} regions" if kinds else ""
-    figure = _image_view(
-        figures.overlay_png(item.image, item.saliency, item.boxes),
+    height, width = figures.fit_shape(*item.image.shape[:2])
+    overlay = _image_view(
+        figures.overlay_jpeg(item.image, item.saliency, item.boxes),
         f"{item.path}: {item.method} saliency over the image, label {item.label}, "
         f"predicted {item.prediction}{boxes_text}",
+        (width, height),
+    )
+    image = _image_view(
+        figures.boxed_jpeg(item.image, item.boxes), f"{item.path}: the image as it is{boxes_text}", (width, height)
     )
     return {
-        "figure": figure,
+        "figure": overlay,
+        "image": image,
         "image_id": item.image_id,
         "path": item.path,
         "label": item.label,
@@ -189,8 +231,35 @@ def _gallery_view(item: GalleryItem) -> dict[str, Any]:
         "method": item.method,
         "mass_fraction": format_percent(item.mass_fraction),
         "enrichment": format_number(item.enrichment, digits=1),
+        "counterfactual": _counterfactual_text(item.counterfactual, item.region_kind),
         "kinds": [{"kind": kind, "colour": figures.box_colour(kind)} for kind in kinds],
     }
+
+
+def _counterfactual_text(test: dict[str, Any] | None, kind: str) -> str:
+    """One sentence on what removing the region did to this image's prediction."""
+    if not test:
+        return "not in the counterfactual test's sample"
+    flipped = "the prediction changed" if test.get("flip_removed") else "the prediction held"
+    text = (
+        f"removing the {kind} region ({test.get('fill')}): probability {format_percent(test.get('prob_clean'), 0)} → "
+        f"{format_percent(test.get('prob_removed'), 0)}, {flipped}"
+    )
+    if as_number(test.get("prob_control")) is not None:
+        control = "changed" if test.get("flip_control") else "held"
+        text += f"; an equal-area control: → {format_percent(test.get('prob_control'), 0)}, {control}"
+    return text
+
+
+def _gallery_groups(items: list[GalleryItem]) -> list[dict[str, Any]]:
+    """The gallery's items grouped by region kind, in the order the kinds first appear (most serious first)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(item.region_kind, []).append(_gallery_view(item))
+    return [
+        {"kind": kind, "colour": figures.box_colour(kind), "items": views, "pages": -(-len(views) // GALLERY_PAGE)}
+        for kind, views in groups.items()
+    ]
 
 
 def _model_view(model: dict[str, Any]) -> dict[str, Any]:
@@ -332,13 +401,15 @@ def render_report(content: ReportContent) -> str:
             {"verdict": row["verdict"], "text": finding_sentence(row)} for row in findings if row["verdict"] != "none"
         ],
         "counts": [(str(key).replace("_", " "), _count(value)) for key, value in content.counts.items()],
+        "audited": [(str(key), str(value)) for key, value in content.audited.items()],
         "model": _model_view(content.model),
         "min_accuracy": format_number(MIN_PROBE_ACCURACY, digits=1),
         "findings": [_finding_view(row) for row in findings],
         "class_maps": [_class_map_view(class_map) for class_map in content.class_maps],
         "colourbar": _image_view(figures.colourbar_png(), "Colour scale: low attention (dark purple) to high (yellow)"),
         "box_colours": [{"kind": kind, "colour": colour} for kind, colour in figures.BOX_COLOURS.items()],
-        "gallery": [_gallery_view(item) for item in content.gallery],
+        "gallery": _gallery_groups(content.gallery),
+        "gallery_page": GALLERY_PAGE,
         "clusters": [_cluster_view(cluster) for cluster in content.clusters],
         "changes": _changes_view(content.changes),
         "errors": _errors_view(content),
@@ -348,7 +419,17 @@ def render_report(content: ReportContent) -> str:
         "versions": [(str(key), _plain(value)) for key, value in content.versions.items()],
         "audit_version": __version__,
     }
+    script = _script()
+    context["script"] = markupsafe.Markup(script)  # our own file, never data: inserted as is
+    context["script_hash"] = "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
     return _environment().get_template("report.html.j2").render(context)
+
+
+def _script() -> str:
+    text = resources.files("audit.report").joinpath("templates/report.js").read_text(encoding="utf-8")
+    if "</script" in text.lower():  # would end the element early
+        raise RuntimeError("report.js must not contain '</script'")
+    return text
 
 
 def write_report(content: ReportContent, path: Path) -> Path:

@@ -16,7 +16,7 @@ from audit.report import ClassMap, GalleryItem, ReportContent, figures, render_r
 
 EVIL_LABEL = "<script>alert(1)</script>"
 EVIL_PATH = '"><img src=x onerror=alert(1)>'
-DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
+DATA_URI = re.compile(r"^data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)$")
 
 
 class _ImageCollector(HTMLParser):
@@ -131,10 +131,10 @@ def test_data_strings_are_escaped_everywhere(tmp_path: Path) -> None:
     assert escaped_label in sections["gallery"] and escaped_path in sections["gallery"]
     assert escaped_label in sections["errors"] and escaped_path in sections["errors"]
     assert escaped_path in sections["settings"]
-    # The parser sees only the images the renderer made (colour bar, 2 class maps, 1 mean image, 1 overlay):
-    # the path did not open an <img> of its own.
+    # The parser sees only the images the renderer made (colour bar, 2 class maps, 1 mean image, the gallery item's
+    # overlay and its plain image): the path did not open an <img> of its own.
     images = _parse(html).images
-    assert len(images) == 5 and all((image["src"] or "").startswith("data:") for image in images)
+    assert len(images) == 6 and all((image["src"] or "").startswith("data:") for image in images)
 
 
 def _section(html: str, section_id: str) -> str:
@@ -149,8 +149,8 @@ def test_page_is_self_contained_and_every_image_has_alt_and_data_uri() -> None:
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*https?://""", html, flags=re.IGNORECASE)
     assert not [link for link in page.links if not link.startswith("data:")]
     assert "@import" not in html and "url(" not in html
-    # colour bar + class map heatmaps (2) + one mean image + one gallery overlay
-    assert len(page.images) == 5
+    # colour bar + class map heatmaps (2) + one mean image + one gallery overlay and its plain image
+    assert len(page.images) == 6
     for image in page.images:
         assert (image.get("alt") or "").strip()
         _decode(image["src"] or "")
