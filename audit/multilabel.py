@@ -77,6 +77,7 @@ def run_findings(config: AuditConfig, run_one: Callable[[AuditConfig], dict]) ->
         gate = {"fail_on": config.fail_on, "failed": any(r["gate"] and r["gate"]["failed"] for r in rows)}
     index = {
         "schema": "shortcut-audit/multilabel-index",
+        "schema_version": 1,
         "dataset": str(config.manifest or config.data),
         "verdict": verdict,
         "gate": gate,

@@ -1321,7 +1321,7 @@ def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
         "by_verdict": {v: sum(f["verdict"] == v for f in findings) for v in ("none", "watch", "shortcut")},
     }
     summary = {
-        "schema_version": 2,
+        "schema_version": 3,
         "dataset": {
             "data": str(Path(config.data).resolve()),
             "manifest": str(Path(config.manifest).resolve()) if config.manifest else None,

@@ -1,7 +1,7 @@
 """``make bench-report``: the report of a 2,000-image demo audit: its size against the budget and its render time in
 Chromium, and the screenshot the README shows.
 
-The audit runs the demo (256 px images, planted shortcut at R = 0.9) with a quick probe (64 px, 10 epochs): the
+The audit runs the demo (256 px images, planted shortcut at R = 0.9) with a quick probe (96 px, 15 epochs): the
 report's size depends on the number of classes, region kinds, methods and gallery images, not on the probe. The
 page is then loaded from disk by Debian's Chromium (Playwright), five times in fresh pages; the time to the
 ``load`` event (everything decoded and laid out) and to the first contentful paint are reported, median and
@@ -81,7 +81,7 @@ def main() -> int:
         start = time.perf_counter()
         write_demo(work / "data", n=args.images, shortcut_rate=0.9, seed=0)
         config = build_config(
-            None, data=work / "data", out=work / "out", **{"probe.image_size": 64, "probe.epochs": 10}
+            None, data=work / "data", out=work / "out", **{"probe.image_size": 96, "probe.epochs": 15}
         )
         summary = run_pipeline(config)
         audit_seconds = time.perf_counter() - start

@@ -50,4 +50,4 @@ def test_source_probe_on_real_radiographs_reports_attention_dependence_and_leaka
     assert "flips: region vs control" in html and "leakage AUC" in html
     assert f"{marker['flip_rate']:.0%} vs {marker['flip_rate_control']:.0%}" in html
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert saved["schema_version"] == 2 and saved["leakage"]
+    assert saved["schema_version"] == 3 and saved["leakage"]

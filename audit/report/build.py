@@ -13,6 +13,7 @@ from audit.data.decode import decode_image
 from audit.data.manifest import safe_join
 from audit.errors import AuditError
 from audit.report.content import ClassMap, ClusterMap, GalleryItem, ReportContent
+from audit.report.distributions import distribution_data, region_coverage_from_catalog
 from audit.store.catalog import CATALOG_NAME
 
 if TYPE_CHECKING:
@@ -38,6 +39,11 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
             ).fetchall()
         ]
         by_stage = dict(con.execute("SELECT stage, count(*) FROM errors GROUP BY stage ORDER BY stage").fetchall())
+        method = p.config.methods[0]
+        attention = [{**row, "method": method} for row in distribution_data(con, method, p.region_kinds, p.labels)]
+        # The kinds a shortcut hides in; the complement of an expected region would cover most of every image.
+        coverage_kinds = tuple(k for k in p.region_kinds if not k.startswith("outside_"))
+        coverage, coverage_images = region_coverage_from_catalog(con, coverage_kinds, p.labels)
     finally:
         con.close()
     return ReportContent(
@@ -54,6 +60,10 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         versions=summary["versions"],
         clusters=tuple(clusters),
         changes=summary.get("changes"),
+        attention=attention,
+        coverage=coverage,
+        coverage_images=coverage_images,
+        coverage_kinds=coverage_kinds,
         audited=_audited(p, summary),
         errors_by_stage=by_stage,
         burned_in=summary.get("burned_in_annotation") or [],

@@ -143,6 +143,11 @@ class ReportContent:
         clusters: the discovery step's clusters, suspicious first.
         changes: what changed since the previous run of the same dataset (:func:`audit.history.compare_runs`),
             or None (no previous run, or another dataset): the report then has no "Since the previous run" section.
+        attention: per (region kind, class), quantiles of mass and area fraction
+            (:func:`audit.report.distributions.distribution_data`); empty: no distribution figure.
+        coverage: per class, float [g, g] share of the class's images with a suspicious region at each point, and
+            ``coverage_images`` the images each share is of (:func:`~audit.report.distributions.region_coverage`).
+        coverage_kinds: the region kinds the coverage maps show.
         audited: what was audited, shown first under "What was audited": dataset, manifest, methods, duration,
             versions (name → display string).
         errors_by_stage: error count per stage (manifest, read, decode, ingest, regions, ...).
@@ -163,6 +168,10 @@ class ReportContent:
     versions: dict[str, Any]
     clusters: tuple[ClusterMap, ...] = ()
     changes: dict[str, Any] | None = None
+    attention: list[dict[str, Any]] = field(default_factory=list)
+    coverage: dict[str, np.ndarray] = field(default_factory=dict)
+    coverage_images: dict[str, int] = field(default_factory=dict)
+    coverage_kinds: tuple[str, ...] = ()
     audited: dict[str, str] = field(default_factory=dict)
     errors_by_stage: dict[str, int] = field(default_factory=dict)
     burned_in: list[dict[str, Any]] = field(default_factory=list)

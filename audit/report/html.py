@@ -24,7 +24,7 @@ import jinja2
 import markupsafe
 
 from audit import __version__
-from audit.report import figures
+from audit.report import distributions, figures
 from audit.report.content import (
     VERDICTS,
     ClassMap,
@@ -139,6 +139,12 @@ def _finding_view(row: dict[str, Any]) -> dict[str, str]:
         }
         | {"verdict": str(VERDICTS.index(row["verdict"])), "evidence": str(int(row.get("evidence") or 0))},
     }
+
+
+def _dependence_svg(findings: list[dict[str, Any]]) -> markupsafe.Markup | str:
+    """The counterfactual figure, or "" when no finding has a flip rate (the test was off)."""
+    tested = [row for row in findings if as_number(row.get("flip_rate")) is not None]
+    return markupsafe.Markup(distributions.dependence_svg(tested)) if tested else ""
 
 
 def _sort_key(value: object) -> str:
@@ -402,6 +408,15 @@ def render_report(content: ReportContent) -> str:
         ],
         "counts": [(str(key).replace("_", " "), _count(value)) for key, value in content.counts.items()],
         "audited": [(str(key), str(value)) for key, value in content.audited.items()],
+        # Our own SVG, with every label escaped by the distributions module: inserted as markup.
+        "attention_method": content.attention[0].get("method", "") if content.attention else "",
+        "attention_svg": markupsafe.Markup(distributions.attention_svg(content.attention)) if content.attention else "",
+        "dependence_svg": _dependence_svg(findings),
+        "coverage_svg": markupsafe.Markup(
+            distributions.coverage_svg(content.coverage, content.coverage_images, kinds=content.coverage_kinds)
+        )
+        if content.coverage
+        else "",
         "model": _model_view(content.model),
         "min_accuracy": format_number(MIN_PROBE_ACCURACY, digits=1),
         "findings": [_finding_view(row) for row in findings],
