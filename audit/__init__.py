@@ -1,3 +1,3 @@
 """shortcut-audit: find shortcut learning in image datasets and models."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
