@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from audit.store.state import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
@@ -209,12 +211,6 @@ def _new_run_folder(runs: Path) -> Path:
     raise FileExistsError(f"{runs}: no free run folder name for {stamp}")
 
 
-def _replace_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _replace_symlink(link: Path, target: str) -> None:
     """Point ``link`` at ``target`` (relative), atomically: a temporary symlink renamed over the old one."""
     temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
@@ -244,7 +240,7 @@ def record_run(out: Path, summary: dict) -> Path:
             shutil.copy2(source, folder / name)
         elif name == "summary.json":
             (folder / name).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    _replace_text(runs / LATEST_FILE, folder.name + "\n")
+    write_text_atomic(runs / LATEST_FILE, folder.name + "\n")
     try:
         _replace_symlink(runs / LATEST_LINK, folder.name)
     except (OSError, NotImplementedError) as exc:  # e.g. Windows without the symlink privilege; LATEST suffices

@@ -17,7 +17,7 @@ import jinja2
 from audit.config import AuditConfig
 from audit.errors import ConfigError
 from audit.history import VERDICT_ORDER
-from audit.store.state import write_json_atomic
+from audit.store.state import write_json_atomic, write_text_atomic
 
 INDEX_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Shortcut audit: {{ dataset }}</title>
@@ -87,7 +87,7 @@ def run_findings(config: AuditConfig, run_one: Callable[[AuditConfig], dict]) ->
     out = Path(config.out)
     write_json_atomic(out / "summary.json", index)
     page = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(INDEX_TEMPLATE)
-    (out / "index.html").write_text(
-        page.render(dataset=index["dataset"], verdict=verdict, gate=gate, findings=rows), encoding="utf-8"
+    write_text_atomic(
+        out / "index.html", page.render(dataset=index["dataset"], verdict=verdict, gate=gate, findings=rows)
     )
     return index

@@ -1343,9 +1343,7 @@ def summarise(p: Plan, ref: ModelRef, work: dict | None = None) -> dict:
         "versions": versions(),
     }
     summary["changes"] = compare_runs(load_previous_summary(out), summary)
-    summary_path = out / "summary.json"
-    summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    summary_path.with_suffix(".json.tmp").replace(summary_path)
+    write_json_atomic(out / "summary.json", summary, indent=2)
     content = build_report_content(p, summary, flatten(config))
     write_report(content, out / "index.html")
     record_run(out, summary)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from audit.report.content import (
     format_number,
     format_percent,
 )
+from audit.store.state import write_text_atomic
 
 # The report's size budget at the default settings (README, "The report"): held by tests/report/test_report_size.py
 # for the largest content the defaults allow, and measured on a 2,000-image demo by `make bench-report`.
@@ -460,14 +460,5 @@ def write_report(content: ReportContent, path: Path) -> Path:
         ``path``.
     """
     path = Path(path)
-    text = render_report(content)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp) so the file gets the usual permissions from the umask, not 0600.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, render_report(content))
     return path

@@ -53,15 +53,26 @@ def file_stat(path: Path) -> tuple[int, int] | None:
     return s.st_size, s.st_mtime_ns
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary name in the same folder, flush it to disk, then move it into place."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name in the same folder, flush it to disk, then move it into place: a reader
+    sees the old file or the new one, whole. A plain open (not mkstemp), so the file gets the umask's permissions;
+    the temporary name (``.<name>.<pid>.tmp``) is removed on failure, and by the next run if the process died."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value: Any, indent: int | None = None) -> None:
+    """:func:`write_text_atomic` of ``value`` as JSON (values JSON does not know are written as strings)."""
+    write_text_atomic(path, json.dumps(value, default=str, indent=indent))
 
 
 def read_json(path: Path) -> Any | None:
