@@ -34,7 +34,7 @@ import torch
 
 import audit
 from audit.config import AuditConfig, flatten
-from audit.data.decode import DecodedImage, content_hash, read_image
+from audit.data.decode import DecodedImage, content_hash, read_file, read_image
 from audit.data.manifest import Manifest, ManifestEntry, build_manifest, safe_join
 from audit.device import resolve_device
 from audit.errors import AuditError, ConfigError, DataError, ModelError
@@ -323,7 +323,7 @@ def _region_row(image_id: str, path: str, d: Detection) -> dict:
 def _read_image(p: Plan, entry: ManifestEntry, errors: list[dict]) -> tuple[bytes, DecodedImage] | None:
     """The file's bytes and decoded image, or None (and a row in ``errors``) when it cannot be read."""
     try:
-        data = safe_join(p.root, entry.path).read_bytes()
+        data = read_file(safe_join(p.root, entry.path), entry.path)
     except FileNotFoundError:
         errors.append({"path": entry.path, "stage": "read", "message": f"{entry.path}: file not found"})
         return None
@@ -436,15 +436,17 @@ def _ingest_image(
     return rows, calls, stack, p.spec.resize(image)
 
 
-def _scaled(d: Detection, scale: float) -> Detection:
-    if scale == 1.0:
+def _scaled(d: Detection, scale: tuple[float, float]) -> Detection:
+    """A box in the file's pixels, in the pixels of the image as downscaled by (x, y) ``scale``; never empty."""
+    sx, sy = scale
+    if (sx, sy) == (1.0, 1.0):
         return d
     return replace(
         d,
-        x0=int(d.x0 * scale),
-        y0=int(d.y0 * scale),
-        x1=max(int(d.x0 * scale) + 1, round(d.x1 * scale)),
-        y1=max(int(d.y0 * scale) + 1, round(d.y1 * scale)),
+        x0=int(d.x0 * sx),
+        y0=int(d.y0 * sy),
+        x1=max(int(d.x0 * sx) + 1, round(d.x1 * sx)),
+        y1=max(int(d.y0 * sy) + 1, round(d.y1 * sy)),
     )
 
 
@@ -453,7 +455,7 @@ def _shard_hashes(p: Plan, shard: Shard) -> list[str]:
     hashes = []
     for entry in shard.entries:
         try:
-            hashes.append(content_hash(safe_join(p.root, entry.path).read_bytes()))
+            hashes.append(content_hash(read_file(safe_join(p.root, entry.path), entry.path)))
         except (AuditError, OSError):
             continue  # reported when the file is read for real
     return hashes

@@ -23,12 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from audit.data.decode import MAX_SIDE
 from audit.data.demo import write_demo
 from audit.regions.base import Detection
 from audit.regions.cache import RegionCache
 from audit.store.catalog import CATALOG_NAME, build_catalog, query
 from audit.store.parquet import read_table
 from audit.store.schemas import TABLES
+
+SIDE = f"side-{MAX_SIDE}"  # the cache's folder level for the decoding scale (regions/cache.py)
 
 # Tiny and fast: 60 images of 64 px, shards of 10 (six shards, two at a time), a 2-epoch probe at 64 px, Grad-CAM
 # only, no counterfactual test and no discovery (each run takes about 9 s on a 2-core machine).
@@ -122,7 +125,7 @@ def alone(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 def _cached_ids(cache: Path, detector: str) -> Counter:
     """image id → in how many cache parts it is stored."""
     counts: Counter = Counter()
-    for part in (cache / detector).glob("*/part-*.parquet"):
+    for part in (cache / detector).glob(f"*/{SIDE}/part-*.parquet"):
         counts.update(set(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()))
     return counts
 
@@ -431,7 +434,7 @@ def test_region_cache_under_concurrent_writers_and_readers(tmp_path: Path) -> No
     assert lookups[0] > 0
     final = cache.lookup("text", "v1", all_ids)
     assert final == everything  # every entry of every writer, each detection once
-    parts = list((directory / "text" / "v1").iterdir())
+    parts = list((directory / "text" / "v1" / SIDE).iterdir())
     assert len(parts) == 5 * batches and all(p.name.startswith("part-") and p.suffix == ".parquet" for p in parts)
 
 
@@ -443,7 +446,7 @@ def test_region_cache_reader_tolerates_damaged_and_vanished_parts(
     first = dict(list(entries.items())[:20])
     assert cache.store("text", "v1", first)
     assert cache.store("text", "v1", dict(list(entries.items())[20:]))
-    folder = tmp_path / "cache" / "text" / "v1"
+    folder = tmp_path / "cache" / "text" / "v1" / SIDE
     parts = sorted(folder.glob("part-*.parquet"))
     # A part cut short (a crash of a file system that lost the end of a file), and one that vanished after listing.
     damaged = folder / "part-0-damaged.parquet"
@@ -484,7 +487,7 @@ def test_cache_rows_round_trip_exactly(tmp_path: Path) -> None:
     cache.store("text", "v1", entries)
     assert cache.lookup("text", "v1", list(entries)) == entries
     assert any(entries.values()) and not all(entries.values())
-    table = pq.read_table(next((tmp_path / "text" / "v1").glob("part-*.parquet")))
+    table = pq.read_table(next((tmp_path / "text" / "v1" / SIDE).glob("part-*.parquet")))
     assert table.schema.field("score").type == pa.float64()
 
 

@@ -86,7 +86,7 @@ def test_each_finding_is_audited_on_its_own(dataset: tuple[Path, Path, Path, dic
 
 
 def test_each_finding_reads_its_own_output(dataset: tuple[Path, Path, Path, dict]) -> None:
-    # The finding's probability is the sigmoid of the output it is mapped to (softmax over [z, 0] = sigmoid(z)):
+    # The finding's probability is the sigmoid of the output it is mapped to (softmax over [z/2, -z/2] = sigmoid(z)):
     # computed here from the model directly, for two different mappings.
     root, manifest, model_path, _ = dataset
     model = torch.jit.load(str(model_path))

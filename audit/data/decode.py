@@ -14,6 +14,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +23,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from audit.errors import DecodeError
 
 MIN_SIDE = 16
+# Files larger than this are refused before they are read into memory (a multi-gigabyte whole-slide TIFF).
+MAX_FILE_BYTES = 2**31
 # Files with more pixels than this are refused before their pixels are decoded (decompression-bomb protection:
 # a 100-byte header cannot make us allocate gigabytes); 16k × 16k covers any real radiograph or slide thumbnail.
 MAX_PIXELS = 16384 * 16384
@@ -56,9 +59,29 @@ class DecodedImage:
     metadata: dict[str, object] = field(default_factory=dict)
 
     @property
-    def scale(self) -> float:
-        """Audited pixels per file pixel (1.0 unless the image was downscaled)."""
-        return self.pixels.shape[1] / self.original_width
+    def scale(self) -> tuple[float, float]:
+        """Audited pixels per file pixel, (x, y): (1.0, 1.0) unless the image was downscaled. The two differ
+        slightly, since each side is rounded to whole pixels."""
+        return self.pixels.shape[1] / self.original_width, self.pixels.shape[0] / self.original_height
+
+
+def read_file(path: Path, name: str) -> bytes:
+    """The file's bytes, refusing a file larger than ``MAX_FILE_BYTES`` before reading it.
+
+    Raises:
+        DecodeError: the file is too large, or there is not enough memory to hold it.
+        OSError: the file cannot be read (missing, a folder, no permission).
+    """
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DecodeError(
+            f"{name}: file is {size:,} bytes; at most {MAX_FILE_BYTES:,} are read (export a smaller image, e.g. a "
+            "downscaled level of a whole-slide image)"
+        )
+    try:
+        return path.read_bytes()
+    except MemoryError:
+        raise DecodeError(f"{name}: not enough memory to read this {size:,}-byte file") from None
 
 
 def content_hash(data: bytes) -> str:
@@ -197,19 +220,24 @@ def read_image(data: bytes, name: str = "<bytes>") -> DecodedImage:
         decoded = DecodedImage(
             _downscale(pixels), width, height, "DICOM", int(metadata.get("bits_stored") or 16), 1, dict(metadata)
         )
-        if decoded.scale != 1.0:  # the spacing of the pixels we audit, to go with the regions' coordinates
-            for key in ("pixel_spacing_x_mm", "pixel_spacing_y_mm"):
-                if decoded.metadata.get(key) is not None:
-                    decoded.metadata[key] = float(decoded.metadata[key]) / decoded.scale
+        # The spacing of the pixels we audit, to go with the regions' coordinates.
+        for key, scale in zip(("pixel_spacing_x_mm", "pixel_spacing_y_mm"), decoded.scale, strict=True):
+            if decoded.metadata.get(key) is not None and scale != 1.0:
+                decoded.metadata[key] = float(decoded.metadata[key]) / scale
     else:
         decoded = _decode_pil(data, name)
     height, width = decoded.pixels.shape[:2]
-    if min(decoded.original_width, decoded.original_height) < MIN_SIDE or min(height, width) < 1:
+    if min(decoded.original_width, decoded.original_height) < MIN_SIDE:
         raise DecodeError(
             f"{name}: image is {decoded.original_width}x{decoded.original_height} px; at least {MIN_SIDE} px per "
             "side is needed"
         )
-    if not math.isfinite(decoded.scale) or decoded.scale <= 0:
+    if min(height, width) < MIN_SIDE:  # a very long, thin image: its short side after downscaling
+        raise DecodeError(
+            f"{name}: image is {decoded.original_width}x{decoded.original_height} px; downscaled to {MAX_SIDE} px on "
+            f"its long side it would be {width}x{height} px, and at least {MIN_SIDE} px per side is needed"
+        )
+    if not all(math.isfinite(v) and v > 0 for v in decoded.scale):
         raise DecodeError(f"{name}: could not decode (inconsistent image size)")
     return DecodedImage(
         np.ascontiguousarray(decoded.pixels),

@@ -161,24 +161,33 @@ def _check_inflated_size(data: bytes, name: str, max_pixels: int) -> None:
     first element after 'DICM': (0002,0000) UL.
     """
     meta_start = _PREAMBLE_LENGTH + len(_MAGIC)
-    if _DEFLATED_UID not in data[meta_start : meta_start + 4096]:  # the meta group is a few hundred bytes
-        return
     if data[meta_start : meta_start + 6] != b"\x02\x00\x00\x00UL":
-        raise DecodeError(
-            f"{name}: deflated DICOM file without a File Meta Information Group Length (0002,0000), so its "
-            "inflated size cannot be bounded; convert it to an uncompressed transfer syntax"
-        )
+        # Without a group length the meta group's end is unknown: look for the UID anywhere before refusing.
+        if _DEFLATED_UID in data:
+            raise DecodeError(
+                f"{name}: deflated DICOM file without a File Meta Information Group Length (0002,0000), so its "
+                "inflated size cannot be bounded; convert it to an uncompressed transfer syntax"
+            )
+        return
     (group_length,) = struct.unpack_from("<I", data, meta_start + 8)
+    body = meta_start + 12 + group_length
+    if _DEFLATED_UID not in data[meta_start:body]:  # the whole meta group, however it is padded
+        return
     limit = max_pixels * _INFLATE_BYTES_PER_PIXEL + _INFLATE_HEADER_ROOM
+    # Inflate in 1 MiB pieces, counting and discarding them: measuring must not cost the memory it guards against.
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, pending = 0, data[body:]
     try:
-        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[meta_start + 12 + group_length :], limit + 1)
+        while pending and not inflater.eof:
+            size += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+            if size > limit:
+                raise DecodeError(
+                    f"{name}: the deflated DICOM data set inflates to more than {limit} bytes, above what the pixel "
+                    f"limit of {max_pixels} px allows; raise the limit if the image is genuine"
+                )
     except zlib.error as exc:
         raise DecodeError(f"{name}: the deflated DICOM data set is corrupt ({exc})") from None
-    if len(inflated) > limit:
-        raise DecodeError(
-            f"{name}: the deflated DICOM data set inflates to more than {limit} bytes, above what the pixel limit of "
-            f"{max_pixels} px allows; raise the limit if the image is genuine"
-        )
 
 
 def _metadata(dataset: Dataset) -> dict[str, object]:

@@ -78,7 +78,10 @@ def safe_join(root: Path, relative: str) -> Path:
     pure = PurePosixPath(relative.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts:
         raise DataError(f"manifest path {relative!r} leaves the dataset root {root}; use paths relative to it")
-    full = (root / pure).resolve()
+    try:
+        full = (root / pure).resolve()
+    except (ValueError, OSError) as exc:  # an embedded NUL byte, a symlink loop, a name too long
+        raise DataError(f"manifest path {relative!r} is not a usable path ({exc})") from None
     if not full.is_relative_to(root.resolve()):
         raise DataError(f"manifest path {relative!r} resolves outside the dataset root {root}")
     return full

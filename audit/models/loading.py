@@ -25,8 +25,8 @@ class OutputMap:
     """Which model output is which dataset label.
 
     Attributes:
-        indices: per dataset label (sorted label order), the model's output index; -1 for the absent side of a
-            binary finding audit of a multi-label model (its logit is 0, so softmax gives sigmoid(z) to the finding).
+        indices: per dataset label (sorted label order), the model's output index; for a binary finding audit of a
+            multi-label model the absent side is ``-(i + 1)`` for the finding's output i.
         num_outputs: the model's output count.
         multilabel: the outputs are independent sigmoid logits.
     """
@@ -40,10 +40,18 @@ class OutputMap:
         return not self.multilabel and self.indices == tuple(range(self.num_outputs))
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
-        """float [B, num_outputs] → float [B, n_labels], the dataset's classes in label order."""
+        """float [B, num_outputs] → float [B, n_labels], the dataset's classes in label order.
+
+        A multi-label finding's logit z becomes the pair [z/2, −z/2] (finding, absent): the softmax still gives
+        sigmoid(z) to the finding, and the absent side has a gradient of its own (−½ ∂z), so images explained as
+        "no finding" get a map rather than the zero map a constant logit would give.
+        """
         if self.identity:
             return logits
-        columns = [logits[:, i] if i >= 0 else torch.zeros_like(logits[:, 0]) for i in self.indices]
+        if self.multilabel:
+            columns = [0.5 * logits[:, i] if i >= 0 else -0.5 * logits[:, -i - 1] for i in self.indices]
+        else:
+            columns = [logits[:, i] for i in self.indices]
         return torch.stack(columns, dim=1)
 
 
@@ -74,7 +82,7 @@ def resolve_outputs(
         total = num_outputs if num_outputs is not None else max(mapping.values()) + 1
         if not 0 <= index < total:
             raise ModelError(f"output index {index} of {finding!r} is outside the model's {total} outputs")
-        return OutputMap(tuple(index if label == finding else -1 for label in labels), total, True)
+        return OutputMap(tuple(index if label == finding else -index - 1 for label in labels), total, True)
     if mapping is None:
         total = num_outputs if num_outputs is not None else len(labels)
         if total != len(labels):

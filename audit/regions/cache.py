@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from audit.data.decode import MAX_SIDE
 from audit.regions.base import Detection
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def default_cache_dir() -> Path:
 
 
 class RegionCache:
-    """Cached detections under ``directory/<detector>/<version>/part-*.parquet``.
+    """Cached detections under ``directory/<detector>/<version>/side-<MAX_SIDE>/part-*.parquet``.
 
     Args:
         directory: the cache folder; created on first write.
@@ -69,7 +70,9 @@ class RegionCache:
 
     def _folder(self, detector: str, version: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in version)
-        return self.directory / detector / safe
+        # Detections are in the pixels the detector saw: images larger than MAX_SIDE are downscaled first (since
+        # 0.3), so entries made at another MAX_SIDE are in other coordinates and must not be found.
+        return self.directory / detector / safe / f"side-{MAX_SIDE}"
 
     def _parts(self, detector: str, version: str) -> list[Path]:
         folder = self._folder(detector, version)

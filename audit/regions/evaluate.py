@@ -241,11 +241,12 @@ def evaluate_regions(
     }
 
 
-def _unscaled(d: Detection, scale: float) -> Detection:
-    """A detection on a downscaled image, in the file's pixels."""
-    if scale == 1.0:
+def _unscaled(d: Detection, scale: tuple[float, float]) -> Detection:
+    """A detection on an image downscaled by (x, y) ``scale``, in the file's pixels."""
+    sx, sy = scale
+    if (sx, sy) == (1.0, 1.0):
         return d
-    return replace(d, x0=int(d.x0 / scale), y0=int(d.y0 / scale), x1=round(d.x1 / scale), y1=round(d.y1 / scale))
+    return replace(d, x0=int(d.x0 / sx), y0=int(d.y0 / sy), x1=round(d.x1 / sx), y1=round(d.y1 / sy))
 
 
 def _detection_record(detection: Detection) -> dict[str, Any]:

@@ -275,7 +275,9 @@ def _model_view(model: dict[str, Any]) -> dict[str, Any]:
         "arch": str(model.get("arch", "—")),
         "heldout_accuracy": format_number(accuracy, digits=3) if accuracy is not None else "not measured",
         "weak": accuracy is not None and accuracy < MIN_PROBE_ACCURACY,
-        "extra": [(str(key).replace("_", " "), _plain(value)) for key, value in model.items() if key not in _MODEL_KEYS],
+        "extra": [
+            (str(key).replace("_", " "), _plain(value)) for key, value in model.items() if key not in _MODEL_KEYS
+        ],
     }
 
 

@@ -180,7 +180,7 @@ def test_palette_with_colours_stays_rgb() -> None:
 def test_16_bit_facts_recorded() -> None:
     decoded = read_image(_encode(Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50)))
     assert (decoded.format, decoded.bits, decoded.original_width, decoded.original_height) == ("PNG", 16, 40, 30)
-    assert decoded.scale == 1.0
+    assert decoded.scale == (1.0, 1.0)
 
 
 def test_large_image_downscaled_to_the_long_side_limit() -> None:
@@ -189,7 +189,7 @@ def test_large_image_downscaled_to_the_long_side_limit() -> None:
     decoded = read_image(_encode(Image.fromarray(pixels)), "wide.png")
     assert decoded.pixels.shape == (round(300 * MAX_SIDE / 6000), MAX_SIDE)
     assert (decoded.original_width, decoded.original_height) == (6000, 300)
-    assert decoded.scale == pytest.approx(MAX_SIDE / 6000)
+    assert decoded.scale == pytest.approx((MAX_SIDE / 6000, round(300 * MAX_SIDE / 6000) / 300))
     # Content keeps its place: the bright half is still the right half.
     assert decoded.pixels[:, : MAX_SIDE // 2 - 2].max() == 0 and decoded.pixels[:, MAX_SIDE // 2 + 2 :].min() == 200
 
@@ -231,10 +231,27 @@ def test_user_boxes_follow_a_downscaled_image() -> None:
     from audit.regions.base import Detection
 
     box = Detection("marker", 4000, 100, 4600, 300, 1.0, "user-boxes", "1")
-    scale = MAX_SIDE / 6000
-    scaled = _scaled(box, scale)
-    assert (scaled.x0, scaled.y0) == (int(4000 * scale), int(100 * scale))
-    assert (scaled.x1, scaled.y1) == (round(4600 * scale), round(300 * scale))
-    assert _scaled(box, 1.0) is box
-    tiny = _scaled(Detection("dot", 10, 10, 11, 11, 1.0, "user-boxes", "1"), 0.1)
+    sx, sy = MAX_SIDE / 6000, 0.7  # x and y scale differ: each side is rounded on its own
+    scaled = _scaled(box, (sx, sy))
+    assert (scaled.x0, scaled.y0) == (int(4000 * sx), int(100 * sy))
+    assert (scaled.x1, scaled.y1) == (round(4600 * sx), round(300 * sy))
+    assert _scaled(box, (1.0, 1.0)) is box
+    tiny = _scaled(Detection("dot", 10, 10, 11, 11, 1.0, "user-boxes", "1"), (0.1, 0.1))
     assert tiny.x1 > tiny.x0 and tiny.y1 > tiny.y0  # a box never vanishes
+
+
+def test_thin_image_refused_when_downscaling_would_make_it_too_narrow() -> None:
+    with pytest.raises(DecodeError, match=r"20000x16 px; downscaled .* would be 4096x3 px"):
+        decode_image(_encode(Image.new("L", (20000, 16), 50)), "strip.png")
+
+
+def test_file_over_the_size_limit_refused_before_reading(tmp_path, monkeypatch) -> None:
+    import audit.data.decode as decode
+
+    path = tmp_path / "slide.tif"
+    path.write_bytes(b"\0" * 5000)
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 4096)
+    with pytest.raises(DecodeError, match=r"slide\.tif: file is 5,000 bytes; at most 4,096"):
+        decode.read_file(path, "slide.tif")
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 10_000)
+    assert decode.read_file(path, "slide.tif") == b"\0" * 5000

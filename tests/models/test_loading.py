@@ -210,11 +210,18 @@ def test_multilabel_finding_becomes_a_binary_softmax_equal_to_its_sigmoid(
     torch.jit.save(torch.jit.script(original), str(path))
     labels = ("Effusion", "no Effusion")
     outputs = resolve_outputs(labels, {"Edema": 0, "Effusion": 2}, None, multilabel=True, finding="Effusion")
-    assert outputs.indices == (2, -1) and outputs.num_outputs == 3
+    assert outputs.indices == (2, -3) and outputs.num_outputs == 3
     loaded, _ = load_user_model(path, None, outputs)
     with torch.no_grad():
         probability = torch.softmax(loaded(example), dim=1)[:, labels.index("Effusion")]
         torch.testing.assert_close(probability, torch.sigmoid(original(example)[:, 2]))
+    # The "no Effusion" side has a gradient of its own (−½ of the finding's), so its saliency maps are not empty.
+    x = example.clone().requires_grad_(True)
+    loaded(x)[:, labels.index("no Effusion")].sum().backward()
+    finding = example.clone().requires_grad_(True)
+    original(finding)[:, 2].sum().backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, -0.5 * finding.grad)
 
 
 @pytest.mark.parametrize(
