@@ -478,3 +478,35 @@ def test_is_dicom() -> None:
     assert not is_dicom(b"")
     assert not is_dicom(bytes(128) + b"DIC")  # cut inside the magic
     assert {".dcm", ".dicom"} == DICOM_SUFFIXES
+
+
+@pytest.mark.parametrize("padding", [0, 5000])
+def test_deflate_bomb_refused_with_little_memory_even_behind_a_padded_meta_group(padding: int) -> None:
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.FileMetaInformationVersion = b"\x00\x01" + b"\x00" * padding  # pushes the UID past the first 4 KB
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = 4000
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.zeros((4000, 4000), np.uint16).tobytes()  # 32 MB that deflate to a few KB
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert len(data) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="inflates to more than"):
+            decode_dicom(data, "bomb.dcm", max_pixels=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"measuring the bomb took {peak:,} bytes"
