@@ -16,6 +16,7 @@ import jinja2
 
 from audit.config import AuditConfig
 from audit.errors import ConfigError
+from audit.evidence.findings import gate_failed
 from audit.history import VERDICT_ORDER
 from audit.store.state import write_json_atomic, write_text_atomic
 
@@ -52,7 +53,7 @@ def run_findings(config: AuditConfig, run_one: Callable[[AuditConfig], dict]) ->
     folders = [finding_folder(f) for f in config.finding_columns]
     if len(set(folders)) != len(folders):
         raise ConfigError(f"findings {list(config.finding_columns)} give the same folder name twice; rename one")
-    rows, images, errors, by_verdict = [], 0, 0, {v: 0 for v in VERDICT_ORDER}
+    rows, by_verdict = [], dict.fromkeys(VERDICT_ORDER, 0)
     for finding, folder in zip(config.finding_columns, folders, strict=True):
         summary = run_one(
             config.model_copy(update={"finding": finding, "finding_columns": (), "out": config.out / folder})
@@ -68,13 +69,12 @@ def run_findings(config: AuditConfig, run_one: Callable[[AuditConfig], dict]) ->
                 "gate": summary.get("gate"),
             }
         )
-        images, errors = images + counts["images"], errors + counts["errors"]
         for verdict, n in counts.get("by_verdict", {}).items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + n
     verdict = max((r["verdict"] for r in rows), key=VERDICT_ORDER.index, default="none")
-    gate = None
-    if config.fail_on is not None:
-        gate = {"fail_on": config.fail_on, "failed": any(r["gate"] and r["gate"]["failed"] for r in rows)}
+    # The worst finding decides, as each finding's own gate does: one finding at fail_on fails the whole.
+    gate = {"fail_on": config.fail_on, "failed": gate_failed(verdict, config.fail_on)} if config.fail_on else None
+    images, errors = sum(r["images"] for r in rows), sum(r["errors"] for r in rows)
     index = {
         "schema": "shortcut-audit/multilabel-index",
         "schema_version": 1,

@@ -52,7 +52,7 @@ from audit.evidence.header import burned_in_by_class
 from audit.history import compare_runs, load_previous_summary, record_run
 from audit.metrics.regions import boxes_to_masks, downsample_maps, region_metrics
 from audit.models.layers import TargetLayer, describe_layer, find_target_layer
-from audit.models.loading import OutputMap, load_user_model, model_output_count, resolve_outputs
+from audit.models.loading import OutputMap, is_scripted, load_user_model, model_output_count, resolve_outputs
 from audit.models.preprocessing import InputSpec
 from audit.models.probe import ProbeNet, assign_folds, key_hash, probe_input_spec, save_probe, train_probe
 from audit.progress import ShardProgress
@@ -199,7 +199,7 @@ def plan(config: AuditConfig) -> Plan:
             manifest.labels, config.model.outputs, num_outputs, config.model.multilabel, config.finding
         )
         model, spec = load_user_model(config.model.path, config.model.arch, outputs)
-        if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        if is_scripted(model):
             _scripted_model_layer(config.methods)  # fails now, before any image is read, for a layer method
         del model
         if config.model.image_size:
@@ -683,12 +683,14 @@ def detect_watermarks(p: Plan) -> dict:
     return record
 
 
-def fold_key(patient_id: object, group: object) -> str | None:
-    """What the probe's cross-fitting keeps in one fold: the patient when known (a patient's images must not be
-    both trained on and explained), else the group/site, else nothing (the image's own hash decides)."""
-    if patient_id is not None:
-        return f"patient:{patient_id}"
-    return None if group is None else str(group)
+def fold_keys(work: dict[str, np.ndarray], rows: Any = slice(None)) -> list[str | None]:
+    """What the probe's cross-fitting keeps in one fold, per work-file row: the patient when known (a patient's
+    images must not be both trained on and explained), else the group/site, else None (the image's own hash
+    decides). fit_model and explain_shard both call this, so an image is explained by the fold that left it out."""
+    keys: list[str | None] = []
+    for patient, group in zip(work["patient_id"][rows], work["group"][rows], strict=True):
+        keys.append(f"patient:{patient}" if patient is not None else None if group is None else str(group))
+    return keys
 
 
 def _optional_strings(work: dict[str, np.ndarray], name: str) -> list[str | None]:
@@ -715,7 +717,7 @@ def fit_model(p: Plan) -> ModelRef:
         example = p.spec.normalise(
             torch.zeros(1, p.spec.channels, p.spec.size, p.spec.size, dtype=torch.uint8, device=device)
         )
-        if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        if is_scripted(model):
             layer = _scripted_model_layer(config.methods)
         else:
             layer = (
@@ -783,8 +785,7 @@ def _fit_probe(p: Plan, device: torch.device) -> ModelRef:
         work = _load_work(config.out, index)
         inputs_parts.append(work["inputs"][rows])
         image_ids += [str(i) for i in work["image_id"][rows]]
-        pairs = zip(work["patient_id"][rows], work["group"][rows], strict=True)
-        groups += [fold_key(patient, group) for patient, group in pairs]
+        groups += fold_keys(work, rows)
         label_names += [str(v) for v in work["label"][rows]]
     if not image_ids:
         raise DataError("no image of the dataset could be read (see the errors table); nothing to audit")
@@ -878,7 +879,7 @@ def check_sanity(p: Plan, ref: ModelRef) -> list[dict]:
     inputs = torch.from_numpy(work["inputs"][:SANITY_IMAGES]).to(device)
     rows = []
     model = load_models(ref, p, device)[0] if len(inputs) else None
-    if model is not None and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    if model is not None and is_scripted(model):
         # Its layers cannot be re-initialised one by one: findings show sanity_passed NULL (not checked).
         log.warning("sanity check skipped: a TorchScript model's layers cannot be randomised")
         model = None
@@ -975,8 +976,7 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
     image_ids = [str(i) for i in work["image_id"]]
     labels = np.array([p.labels.index(str(label)) for label in work["label"]], dtype=np.int64)
     if ref.kind == "probe":  # the same deterministic assignment as in fit_model
-        groups = [fold_key(patient, group) for patient, group in zip(work["patient_id"], work["group"], strict=True)]
-        folds = assign_folds(image_ids, groups, ref.folds)
+        folds = assign_folds(image_ids, fold_keys(work), ref.folds)
     else:
         folds = np.zeros(n, dtype=np.int64)
     models = load_models(ref, p, device) if n else []
@@ -1095,8 +1095,8 @@ def explain_shard(p: Plan, shard: Shard, ref: ModelRef) -> dict:
         "path": [str(v) for v in work["path"]],
         "label": [str(v) for v in work["label"]],
         "label_index": labels.tolist(),
-        "split": [None if v is None else str(v) for v in work["split"]],
-        "group": [None if v is None else str(v) for v in work["group"]],
+        "split": _optional_strings(work, "split"),
+        "group": _optional_strings(work, "group"),
         "patient_id": _optional_strings(work, "patient_id"),
         "width": widths.astype(int).tolist(),
         "height": heights.astype(int).tolist(),

@@ -28,6 +28,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
+from audit.data.decode import is_dicom
 from audit.errors import DecodeError
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -44,11 +45,6 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # JPEG start-of-frame markers (T.81 B.1.1.3: C0–CF except DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55 (T.87).
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 _JPEG_STANDALONE_MARKERS = frozenset(range(0xD0, 0xDA)) | {0x01}
-
-
-def is_dicom(data: bytes) -> bool:
-    """Whether ``data`` is a DICOM Part-10 file: 'DICM' right after the 128-byte preamble. Cheap, parses nothing."""
-    return data[_PREAMBLE_LENGTH : _PREAMBLE_LENGTH + len(_MAGIC)] == _MAGIC
 
 
 def decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, object]]:

@@ -138,9 +138,7 @@ def _columns(table: pa.Table) -> dict[str, str]:
     return found
 
 
-def _finding_labels(
-    manifest: Path, table: pa.Table, columns: dict[str, str], finding: str
-) -> tuple[list[str | None], str]:
+def _finding_labels(manifest: Path, table: pa.Table, columns: dict[str, str], finding: str) -> list[str | None]:
     """Per row: the binary label (``finding`` / ``no <finding>``), or None to leave the row out (uncertain)."""
     absent = f"no {finding}"
     if finding in table.column_names:
@@ -159,18 +157,19 @@ def _finding_labels(
                     f"manifest {manifest}, row {i + 2}: finding column {finding!r} holds {value!r}; expected "
                     "1/0 (or true/false, yes/no; -1 or blank = uncertain, left out)"
                 )
-        return labels, f"column {finding!r}"
+        return labels
     if "label" in columns:  # ChestX-ray14: "Cardiomegaly|Effusion", "No Finding"
-        values = table.column(columns["label"]).cast(pa.string()).to_pylist()
-        names = {n.strip() for v in values if v for n in v.split("|")}
+        rows = [
+            None if v is None else {n.strip() for n in v.split("|")}
+            for v in table.column(columns["label"]).cast(pa.string()).to_pylist()
+        ]
+        names = set().union(*(r for r in rows if r is not None))
         if finding not in names:
             raise DataError(
                 f"manifest {manifest}: finding {finding!r} is neither a column nor a value of "
                 f"{columns['label']!r} (found {', '.join(sorted(names)[:20])})"
             )
-        return [
-            None if v is None else finding if finding in {n.strip() for n in v.split("|")} else absent for v in values
-        ], f"{columns['label']!r}"
+        return [None if r is None else finding if finding in r else absent for r in rows]
     raise DataError(f"manifest {manifest}: no column {finding!r}; the finding columns are {table.column_names}")
 
 
@@ -184,7 +183,7 @@ def _from_manifest(
     if missing:
         raise DataError(
             f"manifest {manifest} lacks the column(s) {sorted(missing)}; expected at least 'path' and 'label' "
-            f"(or a finding column with --finding), found {table.column_names}"
+            f"(or a finding column with --findings), found {table.column_names}"
         )
 
     def column(name: str) -> list[str | None]:
@@ -193,7 +192,7 @@ def _from_manifest(
         return [None if v is None or v == "" else v for v in table.column(columns[name]).cast(pa.string()).to_pylist()]
 
     paths = column("path")
-    labels = _finding_labels(manifest, table, columns, finding)[0] if finding is not None else column("label")
+    labels = _finding_labels(manifest, table, columns, finding) if finding is not None else column("label")
     split, group, patient = column("split"), column("group"), column("patient_id")
     entries, refused = [], []
     for i, (path, label) in enumerate(zip(paths, labels, strict=True)):

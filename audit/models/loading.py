@@ -121,6 +121,11 @@ class _Selected(nn.Module):
         return self.outputs.select(self.model(x))
 
 
+def is_scripted(model: nn.Module) -> bool:
+    """Whether ``model`` is or contains TorchScript: it then takes no forward hooks and no per-layer re-init."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+
+
 def apply_outputs(model: nn.Module, outputs: OutputMap) -> nn.Module:
     """``model`` answering in the dataset's label order: a forward hook (module names unchanged, so target layers
     and the sanity check's layer names still apply), or a wrapper for TorchScript."""

@@ -38,7 +38,6 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
                 f"SELECT path, stage, message FROM errors ORDER BY path LIMIT {ERRORS_SHOWN}"
             ).fetchall()
         ]
-        by_stage = dict(con.execute("SELECT stage, count(*) FROM errors GROUP BY stage ORDER BY stage").fetchall())
         method = p.config.methods[0]
         attention = [{**row, "method": method} for row in distribution_data(con, method, p.region_kinds, p.labels)]
         # The kinds a shortcut hides in; the complement of an expected region would cover most of every image.
@@ -65,7 +64,7 @@ def build_report_content(p: Plan, summary: dict, settings: dict[str, Any]) -> Re
         coverage_images=coverage_images,
         coverage_kinds=coverage_kinds,
         audited=_audited(p, summary),
-        errors_by_stage=by_stage,
+        errors_by_stage=dict(sorted(summary["counts"].get("errors_by_stage", {}).items())),
         burned_in=summary.get("burned_in_annotation") or [],
     )
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from audit.errors import ConfigError, ModelError
 from audit.models.layers import as_target_layer, get_module
+from audit.models.loading import is_scripted
 from audit.saliency.base import (
     METHODS,
     SaliencyMethod,
@@ -156,7 +157,7 @@ def _clean_forward(
     per_image_input = inputs[0].numel() * inputs.element_size()
     batch = inputs.shape[0]
     total, largest = footprint[0] // batch, footprint[1] // batch
-    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    if is_scripted(model):
         largest = max(largest, UNMEASURED_LARGEST_INPUTS * per_image_input)
         total = max(total, 16 * largest)
     per_sample = sample_bytes(total, per_image_input, input_copies, backward, largest)
